@@ -1,0 +1,1 @@
+"""bilevel-ray: decentralized stochastic bilevel optimization on Ray."""

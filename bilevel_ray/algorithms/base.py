@@ -1,0 +1,98 @@
+"""Shared protocol, hyperparameter validation, oracle-call accounting, step sizes and the registry.
+
+An algorithm is a frozen dataclass of hyperparameters (validated at construction) with two pure
+methods, in the style of optax/TorchOpt: ``init(problem, x, y, *, seed, rank) -> state`` and
+``step(state, problem, mix) -> state``. States are NamedTuples of tensors and ints: they pickle, and
+their tensors are detached from any graph. ``mix`` is the gossip operator: the identity for a single
+agent; the decentralized backends pass ``Σ_j w_ij (·)_j``. A step never imports Ray.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, NamedTuple, Protocol, TypeVar, runtime_checkable
+
+from bilevel_ray.params import Params, hp
+from bilevel_ray.problem import BilevelProblem
+from bilevel_ray.tree import PyTree
+
+Mix = Callable[[PyTree], PyTree]
+State = Any
+
+__all__ = ["Mix", "identity_mix", "Calls", "Hyperparams", "hp", "BilevelAlgorithm", "register", "get",
+           "make", "available", "decay"]
+
+
+class Hyperparams(Params):
+    """Base of every algorithm's hyperparameters (validated at construction)."""
+
+    section: ClassVar[str] = "algorithm"
+
+
+
+def identity_mix(tree: PyTree) -> PyTree:
+    """The gossip operator of a single agent."""
+    return tree
+
+
+class Calls(NamedTuple):
+    """Cumulative oracle calls, each on one minibatch (a full batch counts as one)."""
+
+    grad_f: int = 0
+    grad_g: int = 0
+    hvp: int = 0
+    jvp: int = 0
+
+    def add(self, grad_f: int = 0, grad_g: int = 0, hvp: int = 0, jvp: int = 0) -> "Calls":
+        return Calls(self.grad_f + grad_f, self.grad_g + grad_g, self.hvp + hvp, self.jvp + jvp)
+
+    @property
+    def total(self) -> int:
+        return sum(self)
+
+
+@runtime_checkable
+class BilevelAlgorithm(Protocol):
+    name: ClassVar[str]
+
+    def init(self, problem: BilevelProblem, x: PyTree, y: PyTree, *, seed: int = 0, rank: int = 0) -> State:
+        """Initial state; ``(seed, rank)`` fixes every minibatch the run will draw."""
+
+    def step(self, state: State, problem: BilevelProblem, mix: Mix = identity_mix) -> State:
+        """One outer iteration. Pure: the old state is not modified (SABA's tables are the exception,
+        see its docstring)."""
+
+
+def decay(lr0: float, t: int, power: float) -> float:
+    """``lr0 / (t + 1)^power``."""
+    return lr0 / (t + 1) ** power
+
+
+_REGISTRY: dict[str, type] = {}
+A = TypeVar("A", bound=type)
+
+
+def register(name: str) -> Callable[[A], A]:
+    """Class decorator adding an algorithm to the registry under ``name``."""
+    def deco(cls: A) -> A:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"algorithm {name!r} is already registered")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> type:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"algorithm.name: unknown algorithm {name!r}; available: {', '.join(available())}") from None
+
+
+def make(name: str, **hyper: Any) -> BilevelAlgorithm:
+    """Build a registered algorithm, rejecting unknown hyperparameters with a one-line error."""
+    return get(name).create(**hyper)

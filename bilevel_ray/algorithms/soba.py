@@ -1,0 +1,54 @@
+"""SOBA: single-loop stochastic bilevel optimization (Dagréou, Ablin, Vaiter, Moreau, NeurIPS 2022).
+
+``y``, ``v`` and ``x`` each move by one step from the same old values:
+``D_y = ∇_y g_i``, ``D_v = ∇²_yy g_i·v + ∇_y f_j``, ``D_x = ∇²_xy g_i·v + ∇_x f_j``.
+The three first/second-order quantities of ``g`` come from one fused pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from bilevel_ray import oracles, tree
+from bilevel_ray.params import hp
+from bilevel_ray.algorithms.base import Calls, Hyperparams, Mix, decay, identity_mix, register
+from bilevel_ray.problem import BilevelProblem, rng_for
+from bilevel_ray.tree import PyTree
+
+#: step-size decay exponents (inner ρ_t, outer γ_t) of each schedule
+SCHEDULES = {"constant": (0.0, 0.0), "sqrt": (0.5, 0.5), "theory": (0.4, 0.6)}
+
+
+class SOBAState(NamedTuple):
+    x: PyTree
+    y: PyTree
+    v: PyTree
+    t: int
+    seed: int
+    rank: int
+    calls: Calls
+
+
+@register("soba")
+@dataclass(frozen=True)
+class SOBA(Hyperparams):
+    inner_lr: float = hp(0.1, low=0, doc="ρ0, step of y and v")
+    outer_lr: float = hp(0.01, low=0, doc="γ0, step of x")
+    schedule: str = hp("sqrt", choices=tuple(SCHEDULES), doc="ρ_t=ρ0/(t+1)^a, γ_t=γ0/(t+1)^b")
+
+    def init(self, problem: BilevelProblem, x: PyTree, y: PyTree, *, seed: int = 0, rank: int = 0) -> SOBAState:
+        return SOBAState(tree.detach(x), tree.detach(y), tree.zeros_like(y), 0, seed, rank, Calls())
+
+    def step(self, s: SOBAState, problem: BilevelProblem, mix: Mix = identity_mix) -> SOBAState:
+        rng = rng_for(s.seed, s.rank, s.t)
+        _, bi = problem.inner.sample(rng)
+        _, bo = problem.outer.sample(rng)
+        gy, jv, hv = oracles.fused(problem.g, s.x, s.y, s.v, bi)
+        fx, fy = oracles.grad_xy(problem.f, s.x, s.y, bo)
+        a, b = SCHEDULES[self.schedule]
+        rho, gamma = decay(self.inner_lr, s.t, a), decay(self.outer_lr, s.t, b)
+        y = tree.axpy(-rho, gy, mix(s.y))
+        v = tree.axpy(-rho, tree.add(hv, fy), mix(s.v))
+        x = tree.axpy(-gamma, tree.add(jv, fx), mix(s.x))
+        return SOBAState(x, y, v, s.t + 1, s.seed, s.rank, s.calls.add(grad_f=1, grad_g=1, hvp=1, jvp=1))

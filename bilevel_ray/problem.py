@@ -1,0 +1,135 @@
+"""The bilevel problem API.
+
+``min_x h(x) = f(x, y*(x))`` with ``y*(x) = argmin_y g(x, y)``. A problem gives the two objectives as
+pure functions of pytrees of tensors and a minibatch, plus one :class:`Sampler` for each level. Finite
+datasets are split once into a fixed list of minibatches, so that variance-reduced methods (SABA) can
+keep one memory slot per minibatch index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from bilevel_ray.tree import PyTree
+
+Batch = Any
+
+__all__ = ["Batch", "BilevelProblem", "Sampler", "FiniteSampler", "rng_for", "check_problem"]
+
+
+def rng_for(seed: int, rank: int, step: int, stream: int = 0) -> np.random.Generator:
+    """Counter-based RNG: the same ``(seed, rank, step, stream)`` always gives the same draws, so a step
+    is a pure function of its state and runs are reproducible on any backend."""
+    return np.random.default_rng([int(seed), int(rank), int(step), int(stream)])
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """Minibatches of one level. ``num_batches`` is ``None`` for an infinite stream."""
+
+    num_batches: int | None
+
+    def sample(self, rng: np.random.Generator) -> tuple[int, Batch]:
+        """Draw ``(index, batch)``; ``index`` is -1 for a stream."""
+
+    def full(self) -> Batch:
+        """The whole dataset as one batch (used for metrics and deterministic methods)."""
+
+
+@dataclass(frozen=True)
+class FiniteSampler:
+    """A finite dataset cut once into ``num_batches`` fixed minibatches.
+
+    ``data`` is a tuple of tensors sharing their first dimension; a batch is the tuple of row slices.
+    ``batch_size=None`` means full batch. The last partial block is merged into the previous one.
+    """
+
+    data: tuple[torch.Tensor, ...]
+    batch_size: int | None = None
+    shuffle_seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        n = self.data[0].shape[0]
+        if any(t.shape[0] != n for t in self.data):
+            raise ValueError("FiniteSampler.data: all tensors must share their first dimension")
+        if self.batch_size is not None and not (isinstance(self.batch_size, int) and self.batch_size > 0):
+            raise ValueError(f"batch_size: must be a positive integer or None, got {self.batch_size!r}")
+        if self.shuffle_seed is not None:
+            perm = torch.from_numpy(np.random.default_rng(self.shuffle_seed).permutation(n))
+            data = tuple(t[perm] for t in self.data)
+            object.__setattr__(self, "data", data)
+        bs = n if self.batch_size is None else min(self.batch_size, n)
+        k = max(n // bs, 1)
+        bounds = [i * bs for i in range(k)] + [n]
+        batches = tuple(tuple(t[a:b] for t in self.data) for a, b in zip(bounds[:-1], bounds[1:]))
+        object.__setattr__(self, "_batches", batches)
+
+    @property
+    def num_batches(self) -> int:
+        return len(self._batches)
+
+    @property
+    def size(self) -> int:
+        return self.data[0].shape[0]
+
+    def batch(self, index: int) -> Batch:
+        return self._batches[index]
+
+    def sample(self, rng: np.random.Generator) -> tuple[int, Batch]:
+        if self.num_batches == 1:
+            return 0, self._batches[0]
+        k = int(rng.integers(self.num_batches))
+        return k, self._batches[k]
+
+    def full(self) -> Batch:
+        return self.data
+
+    def to(self, dtype: torch.dtype) -> "FiniteSampler":
+        cast = tuple(t.to(dtype) if t.is_floating_point() else t for t in self.data)
+        return FiniteSampler(cast, self.batch_size, None)
+
+
+@runtime_checkable
+class BilevelProblem(Protocol):
+    """What every task gives the algorithms.
+
+    Required: ``f``, ``g``, ``inner``, ``outer`` and ``init(seed=...)``. Optional, used by tests and
+    metrics when present: ``y_star(x)``, ``hypergradient(x)`` (exact ``∇h``), ``value(x)`` (exact
+    ``h``), ``x_star`` and ``metrics(x, y) -> dict``.
+    """
+
+    inner: Sampler
+    outer: Sampler
+
+    def f(self, x: PyTree, y: PyTree, batch: Batch) -> torch.Tensor:
+        """Upper objective on an outer minibatch."""
+
+    def g(self, x: PyTree, y: PyTree, batch: Batch) -> torch.Tensor:
+        """Lower objective on an inner minibatch."""
+
+    def init(self, *, seed: int) -> tuple[PyTree, PyTree]:
+        """Initial ``(x, y)``."""
+
+
+def check_problem(problem: Any, *, seed: int = 0) -> None:
+    """Check a user problem against the protocol; raise ``TypeError`` naming the first defect."""
+    for name in ("f", "g", "init"):
+        if not callable(getattr(problem, name, None)):
+            raise TypeError(f"problem.{name}: must be a method, see bilevel_ray.BilevelProblem")
+    for name in ("inner", "outer"):
+        s = getattr(problem, name, None)
+        if not isinstance(s, Sampler):
+            raise TypeError(f"problem.{name}: must be a Sampler (num_batches, sample(rng), full())")
+    x, y = problem.init(seed=seed)
+    rng = np.random.default_rng(seed)
+    for name, sampler in (("f", problem.outer), ("g", problem.inner)):
+        _, batch = sampler.sample(rng)
+        val = getattr(problem, name)(x, y, batch)
+        if not (isinstance(val, torch.Tensor) and val.ndim == 0):
+            raise TypeError(f"problem.{name}: must return a scalar tensor, got {type(val).__name__}")
+        if not torch.isfinite(val):
+            raise ValueError(f"problem.{name}: is not finite at the initial point")

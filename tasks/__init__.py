@@ -1,0 +1,70 @@
+"""Bilevel problems and task families, installed as ``bilevel_ray.tasks``.
+
+A task is a frozen, validated parameter dataclass (:class:`Task`) that *is* a
+:class:`~bilevel_ray.problem.BilevelProblem`: construction builds its data (never downloading), and
+``metrics(x, y)`` reports what the runner logs. Register your own with :func:`register_task`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, ClassVar, TypeVar
+
+from bilevel_ray.params import Params
+
+__all__ = ["Task", "register_task", "make_task", "available_tasks", "get_task"]
+
+# name -> "module:Class" for the built-in tasks, imported on first use so the core stays light
+_BUILTIN = {
+    "quadratic": "bilevel_ray.tasks.quadratic:QuadraticTask",
+    "logreg_hpo": "bilevel_ray.tasks.logreg:LogRegHPOTask",
+    "hypercleaning": "bilevel_ray.tasks.hypercleaning:HyperCleaningTask",
+    "nonconvex_pl": "bilevel_ray.tasks.pl:NonconvexPLTask",
+}
+_REGISTRY: dict[str, type] = {}
+
+
+class Task(Params):
+    """Base of every registered task. Subclasses are frozen dataclasses whose fields are validated,
+    build ``inner``/``outer`` samplers in ``__post_init__``, and implement ``f``, ``g``, ``init`` and
+    ``metrics``."""
+
+    section: ClassVar[str] = "task"
+    name: ClassVar[str] = ""
+
+    def metrics(self, x, y) -> dict[str, float]:  # pragma: no cover - interface
+        """Full-batch metrics of the current iterate (at least ``outer_objective``)."""
+        raise NotImplementedError
+
+
+T = TypeVar("T", bound=type)
+
+
+def register_task(name: str) -> Callable[[T], T]:
+    """Class decorator adding a task to the registry under ``name``."""
+    def deco(cls: T) -> T:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"task {name!r} is already registered")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+def available_tasks() -> list[str]:
+    return sorted(set(_REGISTRY) | set(_BUILTIN))
+
+
+def get_task(name: str) -> type:
+    if name not in _REGISTRY and name in _BUILTIN:
+        module, _ = _BUILTIN[name].split(":")
+        importlib.import_module(module)
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"task.name: unknown task {name!r}; available: {', '.join(available_tasks())}") from None
+
+
+def make_task(name: str, **params) -> Task:
+    """Build a registered task from config keys (one-line error on a bad or unknown key)."""
+    return get_task(name).create(**params)
