@@ -4,9 +4,9 @@ Only products are formed, never matrices (except :func:`hessian_yy`, used by MGB
 projection on small ``y``). ``Objective`` is ``(x, y, batch) -> scalar`` on pytrees.
 
 Costs, in units of one reverse pass: :func:`grad_xy` 1, :func:`hvp` and :func:`cross` ≈2–3 each,
-:func:`fused` ≈2–3 for *both* second-order products and ``∇_y g`` together (one forward-over-reverse
-pass in the direction ``(0, v)`` of the joint Hessian, whose two blocks are ``∇²_xy g·v`` and
-``∇²_yy g·v``).
+:func:`fused` ≈2–3 for ``∇_y g`` and *both* second-order products together. Second-order products
+are reverse-over-reverse: on CPU, torch.func's forward mode costs 3–5× more per call
+(``benchmarks/oracles.py`` measures both; :func:`fused_fwd` is kept for GPUs and for that comparison).
 """
 
 from __future__ import annotations
@@ -45,13 +45,15 @@ def grad_y(fn: Objective, x: PyTree, y: PyTree, batch: Batch) -> PyTree:
 
 
 def hvp(fn: Objective, x: PyTree, y: PyTree, v: PyTree, batch: Batch) -> PyTree:
-    """``∇²_yy fn · v`` (forward-over-reverse)."""
-    return jvp(lambda y_: grad(fn, argnums=1)(x, y_, batch), (y,), (v,))[1]
+    """``∇²_yy fn · v`` (reverse-over-reverse: the VJP of ``∇_y fn`` along ``y``)."""
+    _, pullback = vjp(lambda y_: grad(fn, argnums=1)(x, y_, batch), y)
+    return pullback(v)[0]
 
 
 def cross(fn: Objective, x: PyTree, y: PyTree, v: PyTree, batch: Batch) -> PyTree:
-    """``∇²_xy fn · v = ∇_x <∇_y fn, v>`` (forward-over-reverse along ``y``), shaped like ``x``."""
-    return jvp(lambda y_: grad(fn, argnums=0)(x, y_, batch), (y,), (v,))[1]
+    """``∇²_xy fn · v = ∇_x <∇_y fn, v>`` (the VJP of ``∇_y fn`` along ``x``), shaped like ``x``."""
+    _, pullback = vjp(lambda x_: grad(fn, argnums=1)(x_, y, batch), x)
+    return pullback(v)[0]
 
 
 def fused_fwd(fn: Objective, x: PyTree, y: PyTree, v: PyTree, batch: Batch):
@@ -74,4 +76,4 @@ def hessian_yy(fn: Objective, x: PyTree, y: PyTree, batch: Batch) -> torch.Tenso
 
 
 #: the fused oracle the algorithms use (the faster of the two on CPU, see benchmarks/oracles.py)
-fused = fused_fwd
+fused = fused_rev
