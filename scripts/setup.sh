@@ -7,6 +7,8 @@ PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+# This machine's pip config names local mirrors that may be absent; hide pip's warnings about them.
+exec 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 
 # torch first: the CUDA build of 2.14.1 (runs on CPU) pairs with an importable torchvision 0.29.1.
 "${PIP[@]}" install "torch==2.14.1" "torchvision==0.29.1"

@@ -111,9 +111,16 @@ def test_unknown_names_list_what_is_available():
         make_task("nope")
 
 
-def test_user_registered_algorithm_and_task():
+def test_user_registered_algorithm_and_task(monkeypatch):
     """Users plug in their own: the registries take them and the contract holds."""
     from dataclasses import dataclass
+
+    import bilevel_ray.algorithms.base
+    import bilevel_ray.tasks
+
+    # register into copies so that the plug-ins do not leak into other tests
+    monkeypatch.setattr(bilevel_ray.algorithms.base, "_REGISTRY", dict(bilevel_ray.algorithms.base._REGISTRY))
+    monkeypatch.setattr(bilevel_ray.tasks, "_REGISTRY", dict(bilevel_ray.tasks._REGISTRY))
     from typing import NamedTuple
 
     from bilevel_ray import oracles, tree

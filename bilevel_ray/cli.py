@@ -1,0 +1,108 @@
+"""Command line: ``bilevel-ray run CONFIG.yaml [section.key=value ...] [--out DIR] [--no-progress]`` and
+``bilevel-ray list``.
+
+Exit codes: 0 success, 1 the run failed (diverged, cannot write its output, interrupted: 130), 2 bad
+usage or configuration (``bilevel-ray: error: <one line>`` on stderr, no traceback). Heavy modules
+(torch) are imported inside the commands, so ``--help`` and argument errors are fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["main"]
+
+PROG = "bilevel-ray"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
+    parser = _parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra and (args.command != "run" or any(a.startswith("-") for a in extra)):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as e:  # argparse reports usage errors (code 2) and --help (code 0) this way
+        return int(e.code or 0)
+    try:
+        if args.command == "list":
+            return _list()
+        return _run(args.config, [*args.overrides, *extra], args.out, False if args.no_progress else None)
+    except BrokenPipeError:  # e.g. `bilevel-ray list | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Stochastic bilevel optimization runs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,list}")
+    run = sub.add_parser("run", help="run one configuration", description=(
+        "Run CONFIG.yaml (sections task, algorithm, run); overrides look like algorithm.outer_lr=0.1."))
+    run.add_argument("config", help="YAML config file")
+    run.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="values parsed as YAML")
+    run.add_argument("--out", metavar="DIR", help="output folder (default: run.out_dir or runs/<config stem>)")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    sub.add_parser("list", help="list algorithms and tasks with their parameters")
+    return parser
+
+
+def _error(message: str, code: int) -> int:
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+def _run(config: str, overrides: list[str], out: str | None, progress: bool | None) -> int:
+    from bilevel_ray.config import load_config
+    from bilevel_ray.runner import COUNTERS, run
+
+    # raised inside torch's forward-mode AD on first use; not actionable for the user
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+    try:
+        cfg = load_config(config, overrides)
+        out_dir = Path(out) if out is not None else cfg.out_dir
+        rows = run(cfg, out_dir=out_dir, progress=progress)
+    except ValueError as e:
+        return _error(str(e), 2)
+    except FloatingPointError as e:
+        return _error(str(e), 1)
+    except OSError as e:
+        return _error(f"cannot write output: {e}", 1)
+    except KeyboardInterrupt:
+        return _error("interrupted; the rows logged so far are kept", 130)
+    last = rows[-1]
+    print(f"{cfg.algorithm.name} on {cfg.task.name}: {last['step']} steps, {last['oracle_calls']} oracle calls, "
+          f"{last['wall_time']:.2f} s")
+    for key, value in last.items():
+        if key not in COUNTERS:
+            print(f"  {key:<20} {value:.6g}")
+    for name in ("metrics.csv", "metrics.json", "curves.png", "config.yaml"):
+        print(f"  {out_dir / name}")
+    return 0
+
+
+def _list() -> int:
+    from bilevel_ray import algorithms
+    from bilevel_ray.tasks import available_tasks, get_task
+
+    print("algorithms:")
+    for name in algorithms.available():
+        _print_fields(name, algorithms.get(name).field_docs())
+    print("tasks:")
+    for name in available_tasks():
+        _print_fields(name, get_task(name).field_docs())
+    return 0
+
+
+def _print_fields(name: str, fields: dict[str, tuple[object, str]]) -> None:
+    print(f"  {name}")
+    for key, (default, doc) in fields.items():
+        print(f"    {key:<16} {default!r:<16} {doc}".rstrip())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

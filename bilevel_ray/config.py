@@ -1,0 +1,160 @@
+"""Run configuration: a YAML file with sections ``task``, ``algorithm`` and ``run``, plus dotted overrides.
+
+Everything is validated up front, before any work: the task and the algorithm are built through their
+registries so their own validation runs. Every problem is a :class:`ConfigError` whose one-line message
+starts with the path of the field, e.g. ``algorithm.outer_lr: must be > 0, got -0.1``.
+
+.. code-block:: yaml
+
+    task: {name: quadratic, dim_x: 10}
+    algorithm: {name: soba, outer_lr: 0.1}
+    run: {steps: 1000, eval_every: 50}
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping
+
+import yaml
+
+from bilevel_ray.params import Params, hp
+
+if TYPE_CHECKING:  # the registries import torch; config stays light until a config is built
+    from bilevel_ray.algorithms import Hyperparams
+    from bilevel_ray.tasks import Task
+
+__all__ = ["ConfigError", "RunSettings", "RunConfig", "load_config", "from_dict", "apply_overrides"]
+
+SECTIONS = ("task", "algorithm", "run")
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that also reads ``1e-3`` as a float (YAML 1.2; PyYAML's 1.1 rules need ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message is one line naming the offending field."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+@dataclass(frozen=True)
+class RunSettings(Params):
+    """The ``run`` section."""
+
+    section: ClassVar[str] = "run"
+
+    steps: int = hp(1000, low=0, doc="outer iterations")
+    seed: int = hp(0, low=0, strict=False, doc="seed of the initial point and of every minibatch draw")
+    eval_every: int = hp(10, low=0, doc="log metrics every this many steps (and at steps 0 and the last)")
+    out_dir: str | None = hp(None, doc="output folder (null: runs/<config stem>)")
+    progress: bool = hp(True, doc="show a progress bar (on a terminal only)")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A validated run: the built task and algorithm, the run settings and the resolved output folder."""
+
+    task: Task
+    algorithm: Hyperparams
+    run: RunSettings
+    out_dir: Path
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """The resolved configuration, every default filled in (it loads back to the same run)."""
+        return {
+            "task": {"name": self.task.name, **self.task.to_dict()},
+            "algorithm": {"name": self.algorithm.name, **self.algorithm.to_dict()},
+            "run": {**self.run.to_dict(), "out_dir": str(self.out_dir)},
+        }
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
+    """Read ``path``, apply ``section.key=value`` overrides and validate everything."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config: file not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"config: not a file: {path}")
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"config: invalid YAML in {path}{where}: {e.problem or e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config: cannot read {path}: {e}") from None
+    return from_dict({} if raw is None else raw, overrides, default_out=Path("runs") / path.stem)
+
+
+def from_dict(raw: Any, overrides: Iterable[str] = (), *, default_out: Path = Path("runs/run")) -> RunConfig:
+    """Validate a parsed config (a mapping of sections) after applying ``overrides``."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config: must be a mapping with sections {', '.join(SECTIONS)}, "
+                          f"got {type(raw).__name__}")
+    sections: dict[str, dict[str, Any]] = {}
+    for name, body in raw.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"{name}: unknown section; allowed: {', '.join(SECTIONS)}")
+        if body is not None and not isinstance(body, Mapping):
+            raise ConfigError(f"{name}: must be a mapping, got {body!r}")
+        for key in body or {}:
+            if not isinstance(key, str):
+                raise ConfigError(f"{name}.{key}: field names must be strings")
+        sections[name] = dict(body or {})
+    sections = apply_overrides(sections, overrides)
+    return _build(sections, default_out)
+
+
+def apply_overrides(sections: Mapping[str, Mapping[str, Any]], overrides: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Return a copy of ``sections`` with each ``section.key=value`` applied (value parsed as YAML)."""
+    out = {name: dict(body) for name, body in sections.items()}
+    for item in overrides:
+        lhs, eq, value = item.partition("=")
+        section, dot, key = lhs.strip().partition(".")
+        if not eq or not dot or not section or not key or "." in key:
+            raise ConfigError(f"override: expected SECTION.KEY=VALUE, got {item!r}")
+        if section not in SECTIONS:
+            raise ConfigError(f"{section}: unknown section in override {item!r}; allowed: {', '.join(SECTIONS)}")
+        try:
+            parsed = yaml.load(value, Loader=_Loader)
+        except yaml.YAMLError:
+            raise ConfigError(f"{section}.{key}: cannot parse override value {value!r}") from None
+        out.setdefault(section, {})[key] = parsed
+    return out
+
+
+def _build(sections: dict[str, dict[str, Any]], default_out: Path) -> RunConfig:
+    from bilevel_ray import algorithms
+    from bilevel_ray.tasks import available_tasks, make_task
+
+    task_params = dict(sections.get("task", {}))
+    algo_params = dict(sections.get("algorithm", {}))
+    task_name = _name(task_params, "task", available_tasks)
+    algo_name = _name(algo_params, "algorithm", algorithms.available)
+    try:
+        run = RunSettings.create(**sections.get("run", {}))
+        algorithm = algorithms.make(algo_name, **algo_params)
+        task = make_task(task_name, **task_params)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    out_dir = Path(run.out_dir) if run.out_dir is not None else default_out
+    return RunConfig(task=task, algorithm=algorithm, run=run, out_dir=out_dir)
+
+
+def _name(params: dict[str, Any], section: str, available: Callable[[], list[str]]) -> str:
+    name = params.pop("name", None)
+    if name is None:
+        raise ConfigError(f"{section}.name: required; available: {', '.join(available())}")
+    if not isinstance(name, str):
+        raise ConfigError(f"{section}.name: must be a string, got {name!r}")
+    return name

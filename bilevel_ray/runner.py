@@ -1,0 +1,121 @@
+"""Single-process runner: steps an algorithm on a task and logs metrics to CSV, JSON and a PNG.
+
+Output folder: ``config.yaml`` (the resolved config, written first), ``metrics.csv`` (one line per
+logged row, flushed at once), ``metrics.json`` (all rows, written atomically at the end, also when the
+run fails) and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from bilevel_ray.config import RunConfig
+from bilevel_ray.plotting import plot_curves
+
+__all__ = ["run", "COUNTERS"]
+
+#: bookkeeping columns that precede the task's metrics in every row
+COUNTERS = ("step", "wall_time", "oracle_calls", "grad_f", "grad_g", "hvp", "jvp")
+
+
+def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = None) -> list[dict[str, Any]]:
+    """Run ``cfg.run.steps`` outer steps and return the logged rows.
+
+    A row is logged at step 0, every ``eval_every`` steps and at the last step: ``step``,
+    ``wall_time`` (cumulative seconds in ``task.init``, ``algorithm.init`` and ``algorithm.step``;
+    metrics excluded), the cumulative oracle calls and everything ``task.metrics(x, y)`` returns.
+    A metric that becomes non-finite (or ``outer_objective`` non-finite at step 0; a metric undefined
+    from the start, such as a mean over an empty set, is kept) stops the run with
+    ``FloatingPointError`` once the rows so far are written.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir) if out_dir is not None else cfg.out_dir
+    show = cfg.run.progress if progress is None else progress
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = cfg.to_dict()
+    resolved["run"]["out_dir"] = str(out)
+    _write_atomic(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+
+    task, algo, steps, every = cfg.task, cfg.algorithm, cfg.run.steps, cfg.run.eval_every
+    title = f"{algo.name} on {task.name}"
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(total=steps, desc=title, disable=not (show and sys.stderr.isatty()), dynamic_ncols=True)
+    try:
+        with open(out / "metrics.csv", "w", newline="", encoding="utf-8") as fh:
+            writer: csv.DictWriter | None = None
+            start = time.perf_counter()
+            state = algo.init(task, *task.init(seed=cfg.run.seed), seed=cfg.run.seed, rank=0)
+            _sync()
+            wall = time.perf_counter() - start
+            for t in range(steps + 1):
+                if t > 0:
+                    start = time.perf_counter()
+                    state = algo.step(state, task)
+                    _sync()
+                    wall += time.perf_counter() - start
+                    bar.update()
+                if t % every and t != steps:
+                    continue
+                row = _row(t, wall, state, task.metrics(state.x, state.y))
+                if writer is None:
+                    writer = csv.DictWriter(fh, fieldnames=list(row))
+                    writer.writeheader()
+                elif list(row) != writer.fieldnames:
+                    raise ValueError(f"task.metrics: returned keys {list(row)[len(COUNTERS):]} at step {t}, "
+                                     f"expected {writer.fieldnames[len(COUNTERS):]}")
+                rows.append(row)
+                writer.writerow(row)
+                fh.flush()
+                bar.set_postfix(outer=f"{row['outer_objective']:.4g}", refresh=False)
+                prev = rows[-2] if len(rows) > 1 else None
+                bad = [k for k, v in row.items() if not math.isfinite(v)
+                       and (math.isfinite(prev[k]) if prev else k == "outer_objective")]
+                if bad:
+                    values = ", ".join(f"{k}={row[k]}" for k in bad)
+                    raise FloatingPointError(f"run: non-finite metrics at step {t} ({values}); "
+                                             f"the rows so far are in {out}")
+    finally:
+        bar.close()
+        if rows:
+            _write_atomic(out / "metrics.json", json.dumps([_json_safe(r) for r in rows], indent=1) + "\n")
+            plot_curves(rows, out / "curves.png", title, metrics=[k for k in rows[0] if k not in COUNTERS])
+    return rows
+
+
+def _row(step: int, wall: float, state: Any, metrics: dict[str, float]) -> dict[str, Any]:
+    calls = state.calls
+    row: dict[str, Any] = {"step": step, "wall_time": wall, "oracle_calls": int(calls.total),
+                           **{k: int(getattr(calls, k)) for k in COUNTERS[3:]}}
+    for key, value in metrics.items():
+        if key in row:
+            raise ValueError(f"task.metrics: key {key!r} clashes with a runner column")
+        row[key] = float(value)
+    return row
+
+
+def _sync() -> None:
+    """Wait for queued GPU work, so that step timings are real."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
+    """Non-finite floats become ``null`` (strict JSON has no NaN)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
