@@ -27,6 +27,9 @@ SETTINGS = {
     "stocbio": (dict(outer_lr=1.0, inner_lr=1.0, inner_steps=5, neumann_steps=20, neumann_lr=0.8), 100),
     "aid_cg": (dict(outer_lr=1.0, inner_lr=1.0, inner_steps=5, cg_steps=10), 100),
     "itd": (dict(outer_lr=1.0, inner_lr=1.0, inner_steps=20), 100),
+    "dsbo": (dict(outer_lr=1.0, inner_lr=1.0, linear_lr=1.0, inner_steps=5, linear_steps=10, tau=1.0), 100),
+    "dsbo_gt": (dict(outer_lr=1.0, inner_lr=1.0, linear_lr=1.0, inner_steps=5, linear_steps=10, tau=1.0), 100),
+    "d_soba": (dict(outer_lr=1.0, inner_lr=1.0, linear_lr=1.0, tau=1.0), 100),
 }
 
 

@@ -152,6 +152,26 @@ def test_itd_first_step_differentiates_the_unroll(task):
     assert_close(s.y, y), assert_close(s.x, x - 0.2 * (fx + dydx.T @ fy))
 
 
+@pytest.mark.parametrize("name", ["dsbo", "dsbo_gt"])
+def test_dsbo_two_steps(task, name):
+    """With one agent (identity mix) tracking changes nothing: s = r."""
+    G, Fm = task._g, task._f
+    algo = A.make(name, outer_lr=0.2, inner_lr=0.5, linear_lr=0.4, inner_steps=2, linear_steps=3, tau=0.5)
+    x, y, s = start(task, algo)
+    z, r = torch.zeros_like(y), torch.zeros_like(x)
+    for _ in range(2):
+        for _ in range(2):
+            y = y - 0.5 * grads(G, x, y)[1]
+        fx, fy = grads(Fm, x, y)
+        for _ in range(3):
+            z = z - 0.4 * (G.P @ z - fy)
+        r = 0.5 * r + 0.5 * (fx - G.R @ z)
+        x = x - 0.2 * r
+        s = algo.step(s, task)
+        assert_close(s.y, y), assert_close(s.z, z), assert_close(s.r, r), assert_close(s.x, x)
+        assert_close(s.s, r)
+
+
 def test_step_is_pure(task):
     """Stepping twice from the same state gives the same result and leaves the state unchanged."""
     for name in A.available():

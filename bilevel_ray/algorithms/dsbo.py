@@ -1,0 +1,88 @@
+"""DSBO and MA-DSBO-GT: decentralized stochastic bilevel optimization (Chen, Huang, Ma,
+Balasubramanian, ICML 2023), and D-SOBA, its single-loop case (Kong et al. 2024).
+
+Agent ``i`` (its own ``f_i``, ``g_i``; ``mix`` = ``Σ_j w_ij (·)_j``), outer step ``k``:
+``T`` lower steps ``y ← mix(y) − β∇_y g_i(x, y)``; ``N`` linear-system steps
+``z ← mix(z) − γ(∇²_yy g_i·z − ∇_y f_i)``; local hypergradient ``u = ∇_x f_i − ∇²_xy g_i·z``; moving
+average ``r ← (1 − τ)r + τu``; ``x ← mix(x) − α r``. With gradient tracking, ``s ← mix(s) + r_new − r_old``
+and ``x`` moves along ``s``. Only HVPs and JVPs. With one agent (``mix`` the identity) DSBO is a
+centralized double-loop method with warm starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from bilevel_ray import oracles, tree
+from bilevel_ray.algorithms.base import Calls, Hyperparams, Mix, identity_mix, register
+from bilevel_ray.params import hp
+from bilevel_ray.problem import BilevelProblem, rng_for
+from bilevel_ray.tree import PyTree
+
+
+class DSBOState(NamedTuple):
+    x: PyTree
+    y: PyTree
+    z: PyTree
+    r: PyTree  # moving average of the local hypergradient
+    s: PyTree  # gradient tracker of r (equal to r without tracking)
+    t: int
+    seed: int
+    rank: int
+    calls: Calls
+
+
+@register("dsbo")
+@dataclass(frozen=True)
+class DSBO(Hyperparams):
+    outer_lr: float = hp(0.01, low=0, doc="α, step of x")
+    inner_lr: float = hp(0.1, low=0, doc="β, step of the T lower steps")
+    linear_lr: float = hp(0.1, low=0, doc="γ, step of the N linear-system steps")
+    inner_steps: int = hp(5, low=1, strict=False, doc="T")
+    linear_steps: int = hp(5, low=1, strict=False, doc="N")
+    tau: float = hp(0.5, low=0, high=1, strict=False, doc="τ, weight of the new hypergradient in r")
+
+    tracking = False
+
+    def init(self, problem: BilevelProblem, x: PyTree, y: PyTree, *, seed: int = 0, rank: int = 0) -> DSBOState:
+        x, y = tree.detach(x), tree.detach(y)
+        zx = tree.zeros_like(x)
+        return DSBOState(x, y, tree.zeros_like(y), zx, zx, 0, seed, rank, Calls())
+
+    def step(self, s: DSBOState, problem: BilevelProblem, mix: Mix = identity_mix) -> DSBOState:
+        rng = rng_for(s.seed, s.rank, s.t)
+        x, y, z = s.x, s.y, s.z
+        for _ in range(self.inner_steps):
+            _, bi = problem.inner.sample(rng)
+            y = tree.axpy(-self.inner_lr, oracles.grad_y(problem.g, x, y, bi), mix(y))
+        _, bo = problem.outer.sample(rng)
+        fx, fy = oracles.grad_xy(problem.f, x, y, bo)
+        for _ in range(self.linear_steps):
+            _, bi = problem.inner.sample(rng)
+            residual = tree.sub(oracles.hvp(problem.g, x, y, z, bi), fy)
+            z = tree.axpy(-self.linear_lr, residual, mix(z))
+        _, bi = problem.inner.sample(rng)
+        u = tree.sub(fx, oracles.cross(problem.g, x, y, z, bi))
+        r = tree.lerp(s.r, u, self.tau)
+        direction = tree.add(mix(s.s), tree.sub(r, s.r)) if self.tracking else r
+        x = tree.axpy(-self.outer_lr, direction, mix(x))
+        calls = s.calls.add(grad_f=1, grad_g=self.inner_steps, hvp=self.linear_steps, jvp=1)
+        return DSBOState(*tree.detach((x, y, z, r, direction)), s.t + 1, s.seed, s.rank, calls)
+
+
+@register("dsbo_gt")
+@dataclass(frozen=True)
+class DSBOGT(DSBO):
+    """MA-DSBO-GT: DSBO whose outer direction tracks the network average of ``r``."""
+
+    tracking = True
+
+
+@register("d_soba")
+@dataclass(frozen=True)
+class DSOBA(DSBO):
+    """D-SOBA: one lower step and one linear-system step per outer step."""
+
+    inner_steps: int = hp(1, low=1, high=1, strict=False, doc="T (fixed to 1)")
+    linear_steps: int = hp(1, low=1, high=1, strict=False, doc="N (fixed to 1)")
