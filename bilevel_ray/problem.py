@@ -9,7 +9,7 @@ keep one memory slot per minibatch index.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -18,12 +18,21 @@ from bilevel_ray.tree import PyTree
 
 Batch = Any
 
-__all__ = ["Batch", "BilevelProblem", "Sampler", "FiniteSampler", "rng_for", "check_problem"]
+__all__ = ["Batch", "BilevelProblem", "Sampler", "FiniteSampler", "AgentRNGs", "rng_for", "check_problem"]
 
 
-def rng_for(seed: int, rank: int, step: int, stream: int = 0) -> np.random.Generator:
+class AgentRNGs(NamedTuple):
+    """One generator per agent, for a state that stacks several agents (the vectorized simulation)."""
+
+    generators: tuple[np.random.Generator, ...]
+
+
+def rng_for(seed: int, rank: int | tuple[int, ...], step: int, stream: int = 0) -> np.random.Generator | AgentRNGs:
     """Counter-based RNG: the same ``(seed, rank, step, stream)`` always gives the same draws, so a step
-    is a pure function of its state and runs are reproducible on any backend."""
+    is a pure function of its state and runs are reproducible on any backend. A tuple of ranks (stacked
+    agents) gives each agent the generator it would have on its own."""
+    if isinstance(rank, tuple):
+        return AgentRNGs(tuple(rng_for(seed, r, step, stream) for r in rank))
     return np.random.default_rng([int(seed), int(rank), int(step), int(stream)])
 
 

@@ -31,6 +31,8 @@ class Task(Params):
 
     section: ClassVar[str] = "task"
     name: ClassVar[str] = ""
+    #: column of the samplers' data tuples holding class labels (label-skewed splits), if any
+    label_column: ClassVar[int | None] = None
 
     def metrics(self, x, y) -> dict[str, float]:  # pragma: no cover - interface
         """Full-batch metrics of the current iterate (at least ``outer_objective``)."""

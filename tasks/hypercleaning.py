@@ -10,7 +10,7 @@ on a third clean split and the mean weight on clean and on corrupted samples.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ def _logits(w: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
 @register_task("hypercleaning")
 @dataclass(frozen=True)
 class HyperCleaningTask(Task):
+    label_column: ClassVar[int] = 1
     noise_rate: float = hp(0.5, low=0, high=1, strict=False, doc="p, share of corrupted training labels")
     train_fraction: float = hp(0.5, low=0, high=1, doc="share of samples in the (noisy) training split")
     val_fraction: float = hp(0.2, low=0, high=1, doc="share in the clean validation split; the rest is test")

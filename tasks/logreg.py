@@ -10,7 +10,7 @@ training split. ``value(x)`` solves the lower level exactly (Newton) and ``optim
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ def _load(dataset: str, n: int, p: int, seed: int) -> tuple[np.ndarray, np.ndarr
 @register_task("logreg_hpo")
 @dataclass(frozen=True)
 class LogRegHPOTask(Task):
+    label_column: ClassVar[int] = 1
     dataset: str = hp("breast_cancer", choices=("breast_cancer", "synthetic"))
     n_samples: int = hp(2000, low=10, strict=False, doc="synthetic only: number of samples")
     n_features: int = hp(50, low=1, strict=False, doc="synthetic only: number of features")

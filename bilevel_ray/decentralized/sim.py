@@ -1,0 +1,88 @@
+"""In-process vectorized simulation of ``N`` agents: states stacked on a leading agent axis, gossip as a
+product with the mixing matrix ``W``, every agent's oracles from one pass over the summed objective
+(see :class:`~bilevel_ray.decentralized.data.StackedProblem`).
+
+Algorithms whose step reduces across a whole iterate (inner products: BOME's barrier, CG, Lanczos) or
+keeps per-minibatch tables (SABA) need per-agent reductions that the stacked form does not give; they
+run on the Ray backend (one agent per actor) and are refused here with a clear error.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+from bilevel_ray.decentralized.data import AgentProblem, StackedProblem, unstack
+from bilevel_ray.tree import PyTree
+
+__all__ = ["MatrixMix", "SimBackend", "SIM_UNSUPPORTED"]
+
+#: algorithms that need per-agent reductions or tables (run them with backend: ray)
+SIM_UNSUPPORTED = {"saba": "per-minibatch SAGA tables", "bome": "per-agent inner products",
+                   "aid_cg": "per-agent conjugate gradient"}
+
+
+class MatrixMix:
+    """``X ← W X`` along the leading agent axis of every leaf."""
+
+    def __init__(self, w: np.ndarray):
+        self.w = torch.as_tensor(w, dtype=torch.float64)
+        self.edges = int(np.count_nonzero(w - np.diag(np.diag(w))))  # directed: one message each
+        self.bytes = 0  # what a real gossip of these calls sends
+
+    def __call__(self, tree: PyTree) -> PyTree:
+        self.bytes += self.edges * sum(t[0].numel() * t.element_size() for t in _leaves(tree))
+        return tree_map(lambda t: torch.tensordot(self.w.to(t.dtype), t, dims=1), tree)
+
+
+class SimBackend:
+    """Runs ``algo`` on ``agents`` with mixing matrix ``mixing_at(round)`` in this process."""
+
+    name = "sim"
+
+    def __init__(self, algo: Any, agents: list[AgentProblem], mixing_at: Callable[[int], np.ndarray], *,
+                 seed: int):
+        blocked = SIM_UNSUPPORTED.get(algo.name)
+        if blocked and len(agents) > 1:
+            raise ValueError(f"decentralized.backend: {algo.name} needs {blocked}; use backend: ray")
+        if getattr(algo, "solver", None) == "lanczos" and len(agents) > 1:
+            raise ValueError("decentralized.backend: the Lanczos solver needs per-agent Krylov spaces; "
+                             "use algorithm.solver: dense or backend: ray")
+        self.algo, self.n = algo, len(agents)
+        self.problem = StackedProblem(agents)
+        self.mixing_at = mixing_at
+        x, y = self.problem.init(seed=seed)
+        self.state = algo.init(self.problem, x, y, seed=seed, rank=tuple(range(self.n)))
+        self.bytes_last_round = 0
+
+    def step(self) -> None:
+        w = self.mixing_at(self.state.t)
+        mix = MatrixMix(w)
+        self.state = self.algo.step(self.state, self.problem, mix)
+        self.bytes_last_round = mix.bytes
+
+    def states(self) -> list[Any]:
+        """Per-agent views of the stacked state (fields with an agent axis are split)."""
+        n = self.n
+        fields = {}
+        for name, value in self.state._asdict().items():
+            if name == "rank":
+                fields[name] = list(range(n))
+            else:
+                fields[name] = unstack(value, n) if _stacked(value, n) else [value] * n
+        return [type(self.state)(**{k: v[i] for k, v in fields.items()}) for i in range(n)]
+
+    def close(self) -> None:
+        pass
+
+
+def _leaves(tree: PyTree) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+
+def _stacked(value: Any, n: int) -> bool:
+    leaves = _leaves(value)
+    return bool(leaves) and all(t.ndim >= 1 and t.shape[0] == n for t in leaves)

@@ -1,0 +1,97 @@
+"""Local data splits and the vectorized N-agent simulation."""
+
+import numpy as np
+import pytest
+import torch
+
+from bilevel_ray import algorithms as A
+from bilevel_ray.decentralized.data import make_agents, split_indices
+from bilevel_ray.decentralized.sim import SIM_UNSUPPORTED, SimBackend
+from bilevel_ray.tasks import make_task
+
+DSBO = dict(outer_lr=0.5, inner_lr=0.3, linear_lr=0.3, inner_steps=2, linear_steps=2, tau=0.5)
+
+
+def ring(n):
+    w = np.eye(n) / 3
+    for i in range(n):
+        w[i, (i + 1) % n] += 1 / 3
+        w[i, (i - 1) % n] += 1 / 3
+    return w
+
+
+def test_iid_split_is_a_balanced_partition():
+    parts = split_indices(103, 4, split="iid", seed=0)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(103))
+    assert {len(p) for p in parts} <= {25, 26}
+    assert all(np.array_equal(a, b) for a, b in zip(parts, split_indices(103, 4, split="iid", seed=0)))
+
+
+def test_dirichlet_split_skews_labels():
+    labels = np.repeat(np.arange(10), 100)
+    parts = split_indices(1000, 8, split="dirichlet", labels=labels, alpha=0.1, seed=0)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(1000))
+    # with α = 0.1 most agents are dominated by a few classes
+    top_share = [np.bincount(labels[p], minlength=10).max() / len(p) for p in parts]
+    assert np.median(top_share) > 0.4
+    iid = split_indices(1000, 8, split="iid", seed=0)
+    assert max(np.bincount(labels[p], minlength=10).max() / len(p) for p in iid) < 0.25
+
+
+def test_bad_split_settings_are_one_line_errors():
+    with pytest.raises(ValueError, match=r"^decentralized\.split: must be one of iid, dirichlet"):
+        split_indices(10, 2, split="nope")
+    with pytest.raises(ValueError, match=r"^decentralized\.agents: 20 agents need"):
+        split_indices(10, 20)
+    with pytest.raises(ValueError, match=r"^decentralized\.split: 'dirichlet' needs a task with class labels"):
+        make_agents(make_task("quadratic", n_inner=64, n_outer=64), 2, split="dirichlet")
+
+
+def test_one_agent_simulation_is_the_centralized_run():
+    task = make_task("logreg_hpo", dataset="synthetic", n_samples=300, n_features=5, batch_size=16)
+    algo = A.make("dsbo", **DSBO)
+    sim = SimBackend(algo, make_agents(task, 1), lambda t: np.ones((1, 1)), seed=4)
+    s = algo.init(task, *task.init(seed=4), seed=4)
+    for _ in range(5):
+        sim.step()
+        s = algo.step(s, task)
+    (agent,) = sim.states()
+    assert torch.allclose(agent.x, s.x, rtol=0, atol=1e-14) and torch.allclose(agent.y, s.y, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["dsbo", "d_soba", "soba", "stocbio", "itd", "msgbio"])
+def test_stacked_agents_without_gossip_equal_independent_runs(name):
+    """W = I: each stacked agent must follow exactly its own single-agent run on its shard."""
+    task = make_task("logreg_hpo", dataset="synthetic", n_samples=400, n_features=5, batch_size=16)
+    agents = make_agents(task, 3, split="dirichlet", alpha=1.0, seed=1)
+    hyper = DSBO if name in ("dsbo", "d_soba") else {}
+    if name == "d_soba":
+        hyper = {k: v for k, v in DSBO.items() if k not in ("inner_steps", "linear_steps")}
+    algo = A.make(name, **hyper)
+    sim = SimBackend(algo, agents, lambda t: np.eye(3), seed=2)
+    for _ in range(4):
+        sim.step()
+    for rank, (agent, view) in enumerate(zip(agents, sim.states())):
+        s = algo.init(agent, *agent.init(seed=2), seed=2, rank=rank)
+        for _ in range(4):
+            s = algo.step(s, agent)
+        assert torch.allclose(view.x, s.x, atol=1e-12) and torch.allclose(view.y, s.y, atol=1e-12)
+
+
+def test_gossip_brings_agents_to_consensus():
+    task = make_task("quadratic", dim_x=3, dim_y=4, n_inner=128, n_outer=128, batch_size=16)
+    sim = SimBackend(A.make("dsbo_gt", **DSBO), make_agents(task, 6), lambda t: ring(6), seed=0)
+    for _ in range(60):
+        sim.step()
+    xs = torch.stack([s.x for s in sim.states()])
+    spread = float(((xs - xs.mean(0)) ** 2).sum(1).mean())
+    assert spread < 1e-3 * float((xs.mean(0) ** 2).sum())
+    # per round: y and z gossiped twice (dim 4), s and x once (dim 3), over 12 directed ring edges
+    assert sim.bytes_last_round == 12 * (2 * 4 + 2 * 4 + 3 + 3) * 8
+
+
+@pytest.mark.parametrize("name", sorted(SIM_UNSUPPORTED))
+def test_algorithms_needing_per_agent_reductions_are_refused(name):
+    task = make_task("quadratic", dim_x=3, dim_y=4, n_inner=64, n_outer=64)
+    with pytest.raises(ValueError, match=rf"^decentralized\.backend: {name} needs .*; use backend: ray"):
+        SimBackend(A.make(name), make_agents(task, 2), lambda t: np.full((2, 2), 0.5), seed=0)
