@@ -1,0 +1,72 @@
+"""Ray backend on a real multi-node loopback cluster: same trajectories as the simulation, placement
+across nodes, loopback-only addresses."""
+
+import ipaddress
+
+import numpy as np
+import pytest
+import torch
+
+from bilevel_ray import algorithms as A
+from bilevel_ray.decentralized.data import make_agents
+from bilevel_ray.decentralized.gossip import StaticMixing
+from bilevel_ray.decentralized.ray_backend import RayBackend
+from bilevel_ray.decentralized.sim import SimBackend
+from bilevel_ray.tasks import make_task
+
+N = 4
+HYPER = {
+    "dsbo": dict(outer_lr=0.5, inner_lr=0.3, linear_lr=0.3, inner_steps=2, linear_steps=2, tau=0.5),
+    "d_soba": dict(outer_lr=0.5, inner_lr=0.3, linear_lr=0.3, tau=0.5),
+}
+TASKS = {
+    "quadratic": dict(dim_x=3, dim_y=4, n_inner=128, n_outer=128, batch_size=16),
+    "logreg_hpo": dict(dataset="synthetic", n_samples=400, n_features=6, batch_size=16),
+}
+
+
+def ring(n):
+    w = np.eye(n) / 3
+    for i in range(n):
+        w[i, (i + 1) % n] += 1 / 3
+        w[i, (i - 1) % n] += 1 / 3
+    return w
+
+
+@pytest.mark.parametrize("task_name", sorted(TASKS))
+@pytest.mark.parametrize("algo_name", sorted(HYPER))
+def test_ray_and_simulation_follow_the_same_trajectory(ray_cluster, algo_name, task_name):
+    """Same config and seed: max |difference| ≤ 1e-6 in float64 after 50 rounds (measured ≈1e-15)."""
+    task = make_task(task_name, **TASKS[task_name])
+    algo = A.make(algo_name, **HYPER[algo_name])
+    split = "dirichlet" if task_name == "logreg_hpo" else "iid"
+    agents = make_agents(task, N, split=split, alpha=1.0, seed=0)
+    sim = SimBackend(algo, agents, StaticMixing(ring(N)), seed=3)
+    ray_run = RayBackend(algo, agents, StaticMixing(ring(N)), seed=3)
+    try:
+        for _ in range(50):
+            sim.step()
+            ray_run.step()
+        assert ray_run.bytes_last_round == sim.bytes_last_round > 0
+        for a, b in zip(sim.states(), ray_run.states()):
+            assert a.t == b.t == 50
+            assert float((a.x - b.x).abs().max()) <= 1e-6 and float((a.y - b.y).abs().max()) <= 1e-6
+        xs = torch.stack([s.x for s in sim.states()])
+        assert float((xs - xs[0]).abs().max()) > 0  # agents really hold different iterates
+    finally:
+        ray_run.close()
+
+
+def test_agents_spread_across_nodes_on_loopback(ray_cluster):
+    import ray
+
+    task = make_task("quadratic", **TASKS["quadratic"])
+    run = RayBackend(A.make("d_soba"), make_agents(task, 3), StaticMixing(ring(3)), seed=0, strategy="SPREAD")
+    try:
+        run.step()
+        nodes = run.node_ids()
+        assert len(set(nodes)) == 3  # one agent per node of the three-node cluster
+        alive = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+        assert all(ipaddress.ip_address(alive[n]) in ipaddress.ip_network("127.0.0.0/8") for n in nodes)
+    finally:
+        run.close()
