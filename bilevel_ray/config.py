@@ -26,9 +26,10 @@ if TYPE_CHECKING:  # the registries import torch; config stays light until a con
     from bilevel_ray.algorithms import Hyperparams
     from bilevel_ray.tasks import Task
 
-__all__ = ["ConfigError", "RunSettings", "RunConfig", "load_config", "from_dict", "apply_overrides"]
+__all__ = ["ConfigError", "RunSettings", "DecentralizedSettings", "RunConfig", "load_config", "from_dict",
+           "apply_overrides"]
 
-SECTIONS = ("task", "algorithm", "run")
+SECTIONS = ("task", "algorithm", "run", "decentralized")
 
 
 class _Loader(yaml.SafeLoader):
@@ -60,6 +61,26 @@ class RunSettings(Params):
     progress: bool = hp(True, doc="show a progress bar (on a terminal only)")
 
 
+_TOPOLOGIES = ("ring", "torus", "complete", "star", "exponential", "erdos_renyi", "one_peer_exponential")
+
+
+@dataclass(frozen=True)
+class DecentralizedSettings(Params):
+    """The optional ``decentralized`` section: agents, who talks to whom, and where they run."""
+
+    section: ClassVar[str] = "decentralized"
+
+    agents: int = hp(1, low=1, strict=False, doc="number of agents (1: a single process)")
+    topology: str = hp("ring", choices=_TOPOLOGIES, doc="communication graph")
+    mixing: str = hp("metropolis", choices=("metropolis", "uniform", "lazy_metropolis"), doc="weights W")
+    edge_prob: float = hp(0.5, low=0, high=1, strict=False, doc="erdos_renyi only: edge probability")
+    split: str = hp("iid", choices=("iid", "dirichlet"), doc="how the task's data is shared out")
+    alpha: float = hp(0.5, low=0, doc="dirichlet only: concentration (small: label-skewed)")
+    backend: str = hp("sim", choices=("sim", "ray"), doc="vectorized simulation or one Ray actor per agent")
+    address: str | None = hp(None, doc="ray only: cluster address (null: start a loopback cluster)")
+    placement: str = hp("SPREAD", choices=("SPREAD", "PACK", "STRICT_SPREAD"), doc="ray only: placement strategy")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """A validated run: the built task and algorithm, the run settings and the resolved output folder."""
@@ -68,6 +89,7 @@ class RunConfig:
     algorithm: Hyperparams
     run: RunSettings
     out_dir: Path
+    decentralized: DecentralizedSettings = DecentralizedSettings()
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """The resolved configuration, every default filled in (it loads back to the same run)."""
@@ -75,6 +97,7 @@ class RunConfig:
             "task": {"name": self.task.name, **self.task.to_dict()},
             "algorithm": {"name": self.algorithm.name, **self.algorithm.to_dict()},
             "run": {**self.run.to_dict(), "out_dir": str(self.out_dir)},
+            "decentralized": self.decentralized.to_dict(),
         }
 
 
@@ -143,12 +166,22 @@ def _build(sections: dict[str, dict[str, Any]], default_out: Path) -> RunConfig:
     algo_name = _name(algo_params, "algorithm", algorithms.available)
     try:
         run = RunSettings.create(**sections.get("run", {}))
+        decentralized = DecentralizedSettings.create(**sections.get("decentralized", {}))
         algorithm = algorithms.make(algo_name, **algo_params)
         task = make_task(task_name, **task_params)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     out_dir = Path(run.out_dir) if run.out_dir is not None else default_out
-    return RunConfig(task=task, algorithm=algorithm, run=run, out_dir=out_dir)
+    if decentralized.split == "dirichlet" and getattr(task, "label_column", None) is None:
+        raise ConfigError(f"decentralized.split: 'dirichlet' needs a task with class labels ({task.name} has "
+                          f"none); use iid")
+    if decentralized.backend == "sim" and decentralized.agents > 1:
+        from bilevel_ray.decentralized.sim import SIM_UNSUPPORTED
+
+        if algorithm.name in SIM_UNSUPPORTED:
+            raise ConfigError(f"decentralized.backend: {algorithm.name} needs {SIM_UNSUPPORTED[algorithm.name]}; "
+                              f"use backend: ray")
+    return RunConfig(task=task, algorithm=algorithm, run=run, out_dir=out_dir, decentralized=decentralized)
 
 
 def _name(params: dict[str, Any], section: str, available: Callable[[], list[str]]) -> str:

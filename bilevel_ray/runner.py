@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from bilevel_ray.config import RunConfig
+from bilevel_ray.decentralized.backends import average, consensus_error, make_backend
 from bilevel_ray.plotting import plot_curves
 
 __all__ = ["run", "COUNTERS"]
@@ -33,7 +34,10 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
 
     A row is logged at step 0, every ``eval_every`` steps and at the last step: ``step``,
     ``wall_time`` (cumulative seconds in ``task.init``, ``algorithm.init`` and ``algorithm.step``;
-    metrics excluded), the cumulative oracle calls and everything ``task.metrics(x, y)`` returns.
+    metrics excluded), the cumulative oracle calls (summed over agents) and everything
+    ``task.metrics(x, y)`` returns. With several agents, ``x`` and ``y`` are the agents' averages and
+    the row adds the consensus error ``mean_i ‖x_i − x̄‖²``, the bytes gossiped in the last round and its
+    latency in seconds.
     A metric that becomes non-finite (or ``outer_objective`` non-finite at step 0; a metric undefined
     from the start, such as a mean over an empty set, is kept) stops the run with
     ``FloatingPointError`` once the rows so far are written.
@@ -50,24 +54,25 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
     task, algo, steps, every = cfg.task, cfg.algorithm, cfg.run.steps, cfg.run.eval_every
     title = f"{algo.name} on {task.name}"
     rows: list[dict[str, Any]] = []
+    backend = None
     bar = tqdm(total=steps, desc=title, disable=not (show and sys.stderr.isatty()), dynamic_ncols=True)
     try:
         with open(out / "metrics.csv", "w", newline="", encoding="utf-8") as fh:
             writer: csv.DictWriter | None = None
             start = time.perf_counter()
-            state = algo.init(task, *task.init(seed=cfg.run.seed), seed=cfg.run.seed, rank=0)
+            backend = make_backend(task, algo, cfg.decentralized, seed=cfg.run.seed)
             _sync()
             wall = time.perf_counter() - start
             for t in range(steps + 1):
                 if t > 0:
                     start = time.perf_counter()
-                    state = algo.step(state, task)
+                    backend.step()
                     _sync()
                     wall += time.perf_counter() - start
                     bar.update()
                 if t % every and t != steps:
                     continue
-                row = _row(t, wall, state, task.metrics(state.x, state.y))
+                row = _row(t, wall, backend, task)
                 if writer is None:
                     writer = csv.DictWriter(fh, fieldnames=list(row))
                     writer.writeheader()
@@ -87,16 +92,26 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
                                              f"the rows so far are in {out}")
     finally:
         bar.close()
+        if backend is not None:
+            backend.close()
         if rows:
             _write_atomic(out / "metrics.json", json.dumps([_json_safe(r) for r in rows], indent=1) + "\n")
-            plot_curves(rows, out / "curves.png", title, metrics=[k for k in rows[0] if k not in COUNTERS])
+            plot_curves(rows, out / "curves.png", title, metrics=[k for k in rows[0] if k not in (*COUNTERS, "round_latency")])
     return rows
 
 
-def _row(step: int, wall: float, state: Any, metrics: dict[str, float]) -> dict[str, Any]:
-    calls = state.calls
-    row: dict[str, Any] = {"step": step, "wall_time": wall, "oracle_calls": int(calls.total),
-                           **{k: int(getattr(calls, k)) for k in COUNTERS[3:]}}
+def _row(step: int, wall: float, backend: Any, task: Any) -> dict[str, Any]:
+    states = backend.states()
+    calls = [sum(getattr(s.calls, k) for s in states) for k in COUNTERS[3:]]
+    row: dict[str, Any] = {"step": step, "wall_time": wall, "oracle_calls": int(sum(calls)),
+                           **dict(zip(COUNTERS[3:], map(int, calls)))}
+    if len(states) == 1:
+        metrics = task.metrics(states[0].x, states[0].y)
+    else:
+        xs = [s.x for s in states]
+        metrics = task.metrics(average(xs), average([s.y for s in states]))
+        row.update(consensus_error=consensus_error(xs), bytes_per_round=float(backend.bytes_last_round),
+                   round_latency=float(backend.latency_last_round))
     for key, value in metrics.items():
         if key in row:
             raise ValueError(f"task.metrics: key {key!r} clashes with a runner column")

@@ -29,7 +29,7 @@ class MatrixMix:
     """``X ← W X`` along the leading agent axis of every leaf."""
 
     def __init__(self, w: np.ndarray):
-        self.w = torch.as_tensor(w, dtype=torch.float64)
+        self.w = torch.tensor(np.asarray(w), dtype=torch.float64)
         self.edges = int(np.count_nonzero(w - np.diag(np.diag(w))))  # directed: one message each
         self.bytes = 0  # what a real gossip of these calls sends
 

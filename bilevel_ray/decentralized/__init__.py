@@ -1,0 +1,1 @@
+"""Decentralized bilevel optimization: topologies, mixing matrices, gossip transports and backends."""

@@ -1,0 +1,131 @@
+"""One interface over the three ways to run a config: a single process, the vectorized N-agent
+simulation and Ray actors. Each backend has ``step()`` (one outer round for every agent),
+``states()`` (per-agent states), ``bytes_last_round``, ``latency_last_round`` and ``close()``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_map
+
+__all__ = ["SingleBackend", "make_backend", "average", "consensus_error"]
+
+#: every node of a cluster this library starts itself binds here (loopback, never rewritten by Ray)
+LOOPBACK_NODE_IP = "127.0.0.2"
+
+
+class SingleBackend:
+    """One agent in this process (``mix`` is the identity)."""
+
+    name = "single"
+
+    def __init__(self, algo: Any, task: Any, *, seed: int):
+        self.algo, self.task = algo, task
+        self.state = algo.init(task, *task.init(seed=seed), seed=seed, rank=0)
+        self.bytes_last_round = 0
+        self.latency_last_round = 0.0
+
+    def step(self) -> None:
+        start = time.perf_counter()
+        self.state = self.algo.step(self.state, self.task)
+        self.latency_last_round = time.perf_counter() - start
+
+    def states(self) -> list[Any]:
+        return [self.state]
+
+    def close(self) -> None:
+        pass
+
+
+class _Timed:
+    """Adds ``latency_last_round`` to the simulation backend."""
+
+    def __init__(self, inner: Any):
+        self.inner, self.name = inner, inner.name
+        self.latency_last_round = 0.0
+
+    def step(self) -> None:
+        start = time.perf_counter()
+        self.inner.step()
+        self.latency_last_round = time.perf_counter() - start
+
+    def __getattr__(self, item: str) -> Any:
+        return getattr(self.inner, item)
+
+
+def make_backend(task: Any, algo: Any, settings: Any, *, seed: int) -> Any:
+    """The backend a config's ``decentralized`` section asks for (connecting to Ray if needed)."""
+    if settings.agents == 1 and settings.backend == "sim":
+        return SingleBackend(algo, task, seed=seed)
+    from bilevel_ray.decentralized.data import make_agents
+    from bilevel_ray.decentralized.gossip import TopologyMixing
+
+    options = {"p": settings.edge_prob, "seed": seed} if settings.topology == "erdos_renyi" else {}
+    schedule = TopologyMixing(settings.topology, settings.agents, settings.mixing, options)
+    agents = make_agents(task, settings.agents, split=settings.split, alpha=settings.alpha, seed=seed)
+    if settings.backend == "sim":
+        from bilevel_ray.decentralized.sim import SimBackend
+
+        return _Timed(SimBackend(algo, agents, schedule, seed=seed))
+    from bilevel_ray.decentralized.ray_backend import RayBackend
+
+    owned = _connect_ray(settings.address, settings.agents)
+    try:
+        backend = RayBackend(algo, agents, schedule, seed=seed, strategy=settings.placement)
+    except BaseException:
+        if owned:
+            _shutdown_ray()
+        raise
+    if owned:
+        backend.close = _and_then(backend.close, _shutdown_ray)
+    return backend
+
+
+def _connect_ray(address: str | None, agents: int) -> bool:
+    """Connect to ``address`` or start a loopback-only local cluster; True if this call started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address is not None:
+        ray.init(address=address, log_to_driver=False)
+        return True
+    ray.init(_node_ip_address=LOOPBACK_NODE_IP, num_cpus=max(agents, 2), include_dashboard=False,
+             log_to_driver=False)
+    return True
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    ray.shutdown()
+
+
+def _and_then(first, second):
+    def both() -> None:
+        try:
+            first()
+        finally:
+            second()
+    return both
+
+
+def average(trees: list[Any]) -> Any:
+    return tree_map(lambda *leaves: torch.stack(leaves).mean(0), *trees)
+
+
+def consensus_error(trees: list[Any]) -> float:
+    """``mean_i ‖x_i − x̄‖²``."""
+    mean = average(trees)
+    total = 0.0
+    for t in trees:
+        total += float(sum(((a - b) ** 2).sum() for a, b in zip(_leaves(t), _leaves(mean))))
+    return total / len(trees)
+
+
+def _leaves(tree: Any) -> list[torch.Tensor]:
+    from torch.utils._pytree import tree_flatten
+    return tree_flatten(tree)[0]

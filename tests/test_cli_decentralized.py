@@ -1,0 +1,57 @@
+"""`bilevel-ray run` with a `decentralized` section, on the simulation and on the Ray backend."""
+
+import json
+
+import pytest
+import yaml
+
+from bilevel_ray.cli import main
+
+CONFIG = {
+    "task": {"name": "quadratic", "dim_x": 3, "dim_y": 4, "n_inner": 128, "n_outer": 128, "batch_size": 16},
+    "algorithm": {"name": "dsbo_gt", "outer_lr": 0.5, "inner_lr": 0.3, "linear_lr": 0.3, "inner_steps": 2,
+                  "linear_steps": 2},
+    "run": {"steps": 6, "eval_every": 3},
+    "decentralized": {"agents": 4, "topology": "ring", "backend": "sim"},
+}
+
+
+def write(tmp_path, **sections):
+    path = tmp_path / "dec.yaml"
+    path.write_text(yaml.safe_dump({**CONFIG, **sections}))
+    return path
+
+
+@pytest.mark.parametrize("backend", ["sim", "ray"])
+def test_decentralized_run_logs_network_metrics(tmp_path, capsys, backend, request):
+    if backend == "ray":
+        request.getfixturevalue("ray_cluster")  # the session's loopback cluster
+    path = write(tmp_path, decentralized={**CONFIG["decentralized"], "backend": backend})
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    rows = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert [r["step"] for r in rows] == [0, 3, 6]
+    last = rows[-1]
+    # ring of 4: 8 directed edges; y, z gossiped twice (dim 4), s and x once (dim 3), float64
+    assert last["bytes_per_round"] == 8 * (2 * 4 + 2 * 4 + 3 + 3) * 8
+    assert last["consensus_error"] > 0 and last["round_latency"] > 0
+    assert last["oracle_calls"] == 4 * 6 * (1 + 2 + 2 + 1)  # agents × rounds × (∇f, T ∇g, N HVP, JVP)
+    resolved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert resolved["decentralized"]["backend"] == backend
+
+
+@pytest.mark.parametrize("override, message", [
+    ("decentralized.agents=0", r"decentralized\.agents: must be >= 1, got 0"),
+    ("decentralized.topology=hypercube", r"decentralized\.topology: must be one of ring, "),
+    ("decentralized.backend=mpi", r"decentralized\.backend: must be one of sim, ray"),
+    ("decentralized.split=dirichlet", r"decentralized\.split: 'dirichlet' needs a task with class labels"),
+    ("algorithm.name=bome", r"decentralized\.backend: bome needs per-agent inner products; use backend: ray"),
+])
+def test_bad_decentralized_settings_are_one_line(tmp_path, capsys, override, message):
+    import re
+
+    path = write(tmp_path, algorithm={"name": "dsbo"}) if "dirichlet" in override else write(
+        tmp_path, algorithm={"name": "dsbo_gt"})
+    assert main(["run", str(path), override, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+    assert not (tmp_path / "out").exists()
