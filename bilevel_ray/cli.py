@@ -1,5 +1,5 @@
-"""Command line: ``bilevel-ray run CONFIG.yaml [section.key=value ...] [--out DIR] [--no-progress]`` and
-``bilevel-ray list``.
+"""Command line: ``bilevel-ray run CONFIG.yaml [section.key=value ...] [--out DIR] [--no-progress]
+[--resume]`` and ``bilevel-ray list``.
 
 Exit codes: 0 success, 1 the run failed (diverged, cannot write its output, interrupted: 130), 2 bad
 usage or configuration (``bilevel-ray: error: <one line>`` on stderr, no traceback). Heavy modules
@@ -32,7 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "list":
             return _list()
-        return _run(args.config, [*args.overrides, *extra], args.out, False if args.no_progress else None)
+        return _run(args.config, [*args.overrides, *extra], args.out, False if args.no_progress else None,
+                    args.resume)
     except BrokenPipeError:  # e.g. `bilevel-ray list | head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
@@ -47,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="values parsed as YAML")
     run.add_argument("--out", metavar="DIR", help="output folder (default: run.out_dir or runs/<config stem>)")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.add_argument("--resume", action="store_true",
+                     help="continue a killed run from the checkpoint in its output folder")
     sub.add_parser("list", help="list algorithms and tasks with their parameters")
     return parser
 
@@ -56,7 +59,7 @@ def _error(message: str, code: int) -> int:
     return code
 
 
-def _run(config: str, overrides: list[str], out: str | None, progress: bool | None) -> int:
+def _run(config: str, overrides: list[str], out: str | None, progress: bool | None, resume: bool) -> int:
     from bilevel_ray.config import load_config
     from bilevel_ray.runner import COUNTERS, run
 
@@ -65,7 +68,7 @@ def _run(config: str, overrides: list[str], out: str | None, progress: bool | No
     try:
         cfg = load_config(config, overrides)
         out_dir = Path(out) if out is not None else cfg.out_dir
-        rows = run(cfg, out_dir=out_dir, progress=progress)
+        rows = run(cfg, out_dir=out_dir, progress=progress, resume=resume)
     except ValueError as e:
         return _error(str(e), 2)
     except FloatingPointError as e:

@@ -59,6 +59,8 @@ class RunSettings(Params):
     eval_every: int = hp(10, low=0, doc="log metrics every this many steps (and at steps 0 and the last)")
     out_dir: str | None = hp(None, doc="output folder (null: runs/<config stem>)")
     progress: bool = hp(True, doc="show a progress bar (on a terminal only)")
+    checkpoint_every: int = hp(0, low=0, strict=False, doc="save every agent's state every this many rounds "
+                                                           "(0: never); failed agents restart from it")
 
 
 _TOPOLOGIES = ("ring", "torus", "complete", "star", "exponential", "erdos_renyi", "one_peer_exponential")

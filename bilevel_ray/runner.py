@@ -19,8 +19,9 @@ from typing import Any
 import torch
 import yaml
 
+from bilevel_ray import checkpoint
 from bilevel_ray.config import RunConfig
-from bilevel_ray.decentralized.backends import average, consensus_error, make_backend
+from bilevel_ray.decentralized.backends import AgentFailure, average, consensus_error, make_backend
 from bilevel_ray.plotting import plot_curves
 
 __all__ = ["run", "COUNTERS"]
@@ -29,7 +30,8 @@ __all__ = ["run", "COUNTERS"]
 COUNTERS = ("step", "wall_time", "oracle_calls", "grad_f", "grad_g", "hvp", "jvp")
 
 
-def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = None) -> list[dict[str, Any]]:
+def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = None,
+        resume: bool = False) -> list[dict[str, Any]]:
     """Run ``cfg.run.steps`` outer steps and return the logged rows.
 
     A row is logged at step 0, every ``eval_every`` steps and at the last step: ``step``,
@@ -41,55 +43,88 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
     A metric that becomes non-finite (or ``outer_objective`` non-finite at step 0; a metric undefined
     from the start, such as a mean over an empty set, is kept) stops the run with
     ``FloatingPointError`` once the rows so far are written.
+
+    With ``run.checkpoint_every = k > 0`` every agent's state is saved to ``checkpoint.pt`` every
+    ``k`` rounds. An agent that dies mid-run is restarted by Ray and the whole network restarts from
+    the last checkpoint (rounds are replayed exactly: every minibatch is a function of
+    ``(seed, rank, step)``, so no row is lost or written twice). ``resume=True`` continues a killed run
+    from its folder's checkpoint.
     """
     from tqdm.auto import tqdm
 
     out = Path(out_dir) if out_dir is not None else cfg.out_dir
     show = cfg.run.progress if progress is None else progress
-    out.mkdir(parents=True, exist_ok=True)
     resolved = cfg.to_dict()
     resolved["run"]["out_dir"] = str(out)
-    _write_atomic(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+    rows: list[dict[str, Any]] = []
+    payload = None
+    if resume:
+        payload = _resume_point(out, resolved)
+        rows = _read_rows(out / "metrics.csv", upto=payload["round"])
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
 
     task, algo, steps, every = cfg.task, cfg.algorithm, cfg.run.steps, cfg.run.eval_every
+    keep = cfg.run.checkpoint_every
     title = f"{algo.name} on {task.name}"
-    rows: list[dict[str, Any]] = []
     backend = None
     bar = tqdm(total=steps, desc=title, disable=not (show and sys.stderr.isatty()), dynamic_ncols=True)
     try:
         with open(out / "metrics.csv", "w", newline="", encoding="utf-8") as fh:
             writer: csv.DictWriter | None = None
+            if rows:
+                writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+                fh.flush()
             start = time.perf_counter()
             backend = make_backend(task, algo, cfg.decentralized, seed=cfg.run.seed)
+            t, wall = 0, 0.0
+            if payload is not None:
+                template = backend.states()
+                backend.load_states([checkpoint.from_plain(p, s) for p, s in zip(payload["states"], template)])
+                t, wall = payload["round"], payload["wall"]
             _sync()
-            wall = time.perf_counter() - start
-            for t in range(steps + 1):
-                if t > 0:
-                    start = time.perf_counter()
+            wall += time.perf_counter() - start
+            snapshot = (t, wall, backend.states())
+            bar.update(t)
+            logged = rows[-1]["step"] if rows else -1
+            while True:
+                if t > logged and (t % every == 0 or t == steps):
+                    row = _row(t, wall, backend, task)
+                    if writer is None:
+                        writer = csv.DictWriter(fh, fieldnames=list(row))
+                        writer.writeheader()
+                    elif list(row) != writer.fieldnames:
+                        raise ValueError(f"task.metrics: returned keys {list(row)[len(COUNTERS):]} at step {t}, "
+                                         f"expected {writer.fieldnames[len(COUNTERS):]}")
+                    rows.append(row)
+                    writer.writerow(row)
+                    fh.flush()
+                    logged = t
+                    bar.set_postfix(outer=f"{row['outer_objective']:.4g}", refresh=False)
+                    _check_finite(rows, out)
+                if t >= steps:
+                    break
+                start = time.perf_counter()
+                try:
                     backend.step()
+                except AgentFailure:
+                    t, _, states = snapshot  # replay from the last checkpoint; wall time keeps counting
+                    backend.load_states(states)
+                    bar.reset(total=steps)
+                    bar.update(t)
+                    continue
+                finally:
                     _sync()
                     wall += time.perf_counter() - start
-                    bar.update()
-                if t % every and t != steps:
-                    continue
-                row = _row(t, wall, backend, task)
-                if writer is None:
-                    writer = csv.DictWriter(fh, fieldnames=list(row))
-                    writer.writeheader()
-                elif list(row) != writer.fieldnames:
-                    raise ValueError(f"task.metrics: returned keys {list(row)[len(COUNTERS):]} at step {t}, "
-                                     f"expected {writer.fieldnames[len(COUNTERS):]}")
-                rows.append(row)
-                writer.writerow(row)
-                fh.flush()
-                bar.set_postfix(outer=f"{row['outer_objective']:.4g}", refresh=False)
-                prev = rows[-2] if len(rows) > 1 else None
-                bad = [k for k, v in row.items() if not math.isfinite(v)
-                       and (math.isfinite(prev[k]) if prev else k == "outer_objective")]
-                if bad:
-                    values = ", ".join(f"{k}={row[k]}" for k in bad)
-                    raise FloatingPointError(f"run: non-finite metrics at step {t} ({values}); "
-                                             f"the rows so far are in {out}")
+                t += 1
+                bar.update()
+                if keep and t % keep == 0:
+                    states = backend.states()
+                    checkpoint.save(out / "checkpoint.pt", {"round": t, "wall": wall, "states": states})
+                    snapshot = (t, wall, states)
     finally:
         bar.close()
         if backend is not None:
@@ -98,6 +133,41 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
             _write_atomic(out / "metrics.json", json.dumps([_json_safe(r) for r in rows], indent=1) + "\n")
             plot_curves(rows, out / "curves.png", title, metrics=[k for k in rows[0] if k not in (*COUNTERS, "round_latency")])
     return rows
+
+
+def _check_finite(rows: list[dict[str, Any]], out: Path) -> None:
+    row = rows[-1]
+    prev = rows[-2] if len(rows) > 1 else None
+    bad = [k for k, v in row.items() if not math.isfinite(v)
+           and (math.isfinite(prev[k]) if prev else k == "outer_objective")]
+    if bad:
+        values = ", ".join(f"{k}={row[k]}" for k in bad)
+        raise FloatingPointError(f"run: non-finite metrics at step {row['step']} ({values}); "
+                                 f"the rows so far are in {out}")
+
+
+def _resume_point(out: Path, resolved: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint to resume from, after checking it belongs to this very config."""
+    path = out / "checkpoint.pt"
+    if not path.exists():
+        raise ValueError(f"run.resume: no checkpoint in {out} (set run.checkpoint_every to write one)")
+    saved = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+    for section, body in resolved.items():
+        for key, value in body.items():
+            if key not in ("progress", "steps") and saved.get(section, {}).get(key) != value:
+                raise ValueError(f"{section}.{key}: differs from the checkpointed run in {out} "
+                                 f"({saved.get(section, {}).get(key)!r} there, {value!r} here)")
+    return checkpoint.load(path)
+
+
+def _read_rows(path: Path, upto: int) -> list[dict[str, Any]]:
+    """Rows of an earlier run up to step ``upto`` (later ones are recomputed, never duplicated)."""
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = [{k: (int(v) if k in COUNTERS and k != "wall_time" else float(v)) for k, v in r.items()}
+                for r in csv.DictReader(fh)]
+    return [r for r in rows if r["step"] <= upto]
 
 
 def _row(step: int, wall: float, backend: Any, task: Any) -> dict[str, Any]:

@@ -11,7 +11,11 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map
 
-__all__ = ["SingleBackend", "make_backend", "average", "consensus_error"]
+__all__ = ["AgentFailure", "SingleBackend", "make_backend", "average", "consensus_error"]
+
+
+class AgentFailure(RuntimeError):
+    """An agent died during a round; the backend is ready again and wants states to restart from."""
 
 #: every node of a cluster this library starts itself binds here (loopback, never rewritten by Ray)
 LOOPBACK_NODE_IP = "127.0.0.2"
@@ -35,6 +39,9 @@ class SingleBackend:
 
     def states(self) -> list[Any]:
         return [self.state]
+
+    def load_states(self, states: list[Any]) -> None:
+        (self.state,) = states
 
     def close(self) -> None:
         pass

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from bilevel_ray.decentralized.backends import AgentFailure
 from bilevel_ray.decentralized.data import AgentProblem
 from bilevel_ray.tree import PyTree
 
@@ -35,18 +37,33 @@ class AgentWorker:
         x, y = problem.init(seed=seed)
         self.state = algo.init(problem, x, y, seed=seed, rank=rank)
         self.peers: dict[int, Any] = {}
-        self.mailbox: dict[tuple[int, int], np.ndarray] = {}
+        self.mailbox: dict[tuple[int, int, int], np.ndarray] = {}
         self.cond = threading.Condition()
+        self.epoch = 0  # bumped at every restore: messages of an aborted round are dropped
         self.gossip_round = 0
+        self.aborted = False
         self.bytes_sent = 0
 
     def set_peers(self, peers: dict[int, Any]) -> None:
         self.peers = peers
 
-    def deliver(self, gossip_round: int, src: int, payload: np.ndarray) -> None:
+    def deliver(self, epoch: int, gossip_round: int, src: int, payload: np.ndarray) -> None:
         with self.cond:
-            self.mailbox[(gossip_round, src)] = payload
+            if epoch == self.epoch:
+                self.mailbox[(epoch, gossip_round, src)] = payload
+                self.cond.notify_all()
+
+    def abort(self) -> None:
+        """Make a step blocked on a dead neighbour give up (it raises)."""
+        with self.cond:
+            self.aborted = True
             self.cond.notify_all()
+
+    def load_state(self, state: Any, epoch: int) -> None:
+        """Restart from ``state`` in a new gossip epoch (after a failure or on resume)."""
+        with self.cond:
+            self.state, self.epoch, self.gossip_round, self.aborted = state, epoch, 0, False
+            self.mailbox.clear()
 
     def _mix(self, w_row: np.ndarray) -> Callable[[PyTree], PyTree]:
         import ray
@@ -56,16 +73,18 @@ class AgentWorker:
         def mix(tree: PyTree) -> PyTree:
             leaves, spec = tree_flatten(tree)
             buf = np.concatenate([t.detach().reshape(-1).numpy() for t in leaves])
-            r = self.gossip_round
+            e, r = self.epoch, self.gossip_round
             self.gossip_round += 1
             if neighbors:
                 ref = ray.put(buf)
                 for j in neighbors:
-                    self.peers[j].deliver.remote(r, self.rank, ref)
+                    self.peers[j].deliver.remote(e, r, self.rank, ref)
                 self.bytes_sent += buf.nbytes * len(neighbors)
             with self.cond:
-                self.cond.wait_for(lambda: all((r, j) in self.mailbox for j in neighbors))
-                received = [self.mailbox.pop((r, j)) for j in neighbors]
+                self.cond.wait_for(lambda: self.aborted or all((e, r, j) in self.mailbox for j in neighbors))
+                if self.aborted:
+                    raise RuntimeError(f"agent {self.rank}: round aborted (a neighbour failed)")
+                received = [self.mailbox.pop((e, r, j)) for j in neighbors]
             out = w_row[self.rank] * buf
             for j, other in zip(neighbors, received):
                 out = out + w_row[j] * other
@@ -97,7 +116,8 @@ class RayBackend:
     name = "ray"
 
     def __init__(self, algo: Any, agents: list[AgentProblem], mixing_at: Callable[[int], np.ndarray], *,
-                 seed: int, strategy: str = "SPREAD", cpus_per_agent: float = 1.0):
+                 seed: int, strategy: str = "SPREAD", cpus_per_agent: float = 1.0, max_restarts: int = 3,
+                 name: str | None = None):
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -108,22 +128,66 @@ class RayBackend:
         self.pg = placement_group([{"CPU": cpus_per_agent}] * self.n, strategy=strategy)
         ray.get(self.pg.ready(), timeout=120)
         actor_cls = ray.remote(AgentWorker)
+        self.name = name or f"bilevel-ray-{uuid.uuid4().hex[:8]}"
+        # constructor arguments live in the object store, held here so Ray can re-run a restarted
+        # actor's constructor (inline arguments would be freed after the first construction)
+        algo_ref, mixing_ref = ray.put(algo), ray.put(mixing_at)
+        self._args = [(algo_ref, ray.put(agent), mixing_ref) for agent in agents]
         self.actors = [
-            actor_cls.options(num_cpus=cpus_per_agent, max_concurrency=4, scheduling_strategy=
+            actor_cls.options(num_cpus=cpus_per_agent, max_concurrency=4, max_restarts=max_restarts,
+                              name=f"{self.name}-agent-{i}", scheduling_strategy=
                               PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)
-                              ).remote(algo, agent, i, self.n, mixing_at, seed)
-            for i, agent in enumerate(agents)]
+                              ).remote(a, p, i, self.n, m, seed)
+            for i, (a, p, m) in enumerate(self._args)]
         ray.get([a.set_peers.remote(dict(enumerate(self.actors))) for a in self.actors])
+        self.epoch = 0
         self.bytes_last_round = 0
         self.latency_last_round = 0.0
 
     def step(self) -> None:
+        """One synchronous round. If an agent dies, the survivors abort the round, Ray restarts the
+        dead actor, and :class:`AgentFailure` asks the caller for states to restart from."""
         import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
         start = time.perf_counter()
-        reports = ray.get([a.step.remote() for a in self.actors])
+        pending = [a.step.remote() for a in self.actors]
+        reports, failed = [], False
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                reports.append(ray.get(done[0]))
+            except (RayActorError, RayTaskError, ActorUnavailableError):
+                if not failed:
+                    failed = True
+                    for a in self.actors:
+                        a.abort.remote()  # a restarted actor runs this harmlessly before load_state
+        if failed:
+            self._rewire()
+            raise AgentFailure("an agent actor failed during the round and was restarted")
         self.latency_last_round = time.perf_counter() - start
         self.bytes_last_round = int(sum(r["bytes"] for r in reports))
+
+    def _rewire(self, timeout: float = 120.0) -> None:
+        """Wait for restarted actors to come back and give every actor its peers again."""
+        import ray
+        from ray.exceptions import ActorUnavailableError
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                ray.get([a.set_peers.remote(dict(enumerate(self.actors))) for a in self.actors], timeout=timeout)
+                return
+            except ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def load_states(self, states: list[Any]) -> None:
+        import ray
+
+        self.epoch += 1
+        ray.get([a.load_state.remote(s, self.epoch) for a, s in zip(self.actors, states)])
 
     def states(self) -> list[Any]:
         import ray

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
-from bilevel_ray.decentralized.data import AgentProblem, StackedProblem, unstack
+from bilevel_ray.decentralized.data import AgentProblem, StackedProblem, stack, unstack
 from bilevel_ray.tree import PyTree
 
 __all__ = ["MatrixMix", "SimBackend", "SIM_UNSUPPORTED"]
@@ -74,6 +74,17 @@ class SimBackend:
             else:
                 fields[name] = unstack(value, n) if _stacked(value, n) else [value] * n
         return [type(self.state)(**{k: v[i] for k, v in fields.items()}) for i in range(n)]
+
+    def load_states(self, states: list[Any]) -> None:
+        """Restack per-agent states (the inverse of :meth:`states`)."""
+        fields = {}
+        for name in self.state._fields:
+            values = [getattr(s, name) for s in states]
+            if name == "rank":
+                fields[name] = tuple(range(self.n))
+            else:
+                fields[name] = stack(values) if _leaves(values[0]) else values[0]
+        self.state = type(self.state)(**fields)
 
     def close(self) -> None:
         pass
