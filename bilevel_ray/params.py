@@ -8,11 +8,12 @@ is spelled in a config file, e.g. ``algorithm.outer_lr: must be > 0, got -1.0``.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, TypeVar
 
-__all__ = ["Params", "hp"]
+__all__ = ["Params", "hp", "Registry"]
 
 
 def hp(default: Any, *, low: float | None = None, high: float | None = None, strict: bool = True,
@@ -71,3 +72,38 @@ class Params:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+T = TypeVar("T", bound=type)
+
+
+class Registry:
+    """Named classes of one kind (algorithms, tasks). ``lazy`` maps built-in names to ``"module:Class"``
+    imported on first use, so listing names never imports heavy modules."""
+
+    def __init__(self, section: str, kind: str, lazy: dict[str, str] | None = None):
+        self.section, self.kind = section, kind
+        self.lazy = dict(lazy or {})
+        self.items: dict[str, type] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Class decorator adding ``cls`` under ``name`` (and setting ``cls.name``)."""
+        def deco(cls: T) -> T:
+            if name in self.items and self.items[name] is not cls:
+                raise ValueError(f"{self.kind} {name!r} is already registered")
+            cls.name = name
+            self.items[name] = cls
+            return cls
+        return deco
+
+    def available(self) -> list[str]:
+        return sorted(set(self.items) | set(self.lazy))
+
+    def get(self, name: str) -> type:
+        if name not in self.items and name in self.lazy:
+            importlib.import_module(self.lazy[name].split(":")[0])
+        try:
+            return self.items[name]
+        except KeyError:
+            raise ValueError(f"{self.section}.name: unknown {self.kind} {name!r}; "
+                             f"available: {', '.join(self.available())}") from None

@@ -7,10 +7,9 @@ A task is a frozen, validated parameter dataclass (:class:`Task`) that *is* a
 
 from __future__ import annotations
 
-import importlib
-from typing import Callable, ClassVar, TypeVar
+from typing import ClassVar
 
-from bilevel_ray.params import Params
+from bilevel_ray.params import Params, Registry
 
 __all__ = ["Task", "register_task", "make_task", "available_tasks", "get_task"]
 
@@ -21,7 +20,6 @@ _BUILTIN = {
     "hypercleaning": "bilevel_ray.tasks.hypercleaning:HyperCleaningTask",
     "nonconvex_pl": "bilevel_ray.tasks.pl:NonconvexPLTask",
 }
-_REGISTRY: dict[str, type] = {}
 
 
 class Task(Params):
@@ -39,32 +37,10 @@ class Task(Params):
         raise NotImplementedError
 
 
-T = TypeVar("T", bound=type)
-
-
-def register_task(name: str) -> Callable[[T], T]:
-    """Class decorator adding a task to the registry under ``name``."""
-    def deco(cls: T) -> T:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"task {name!r} is already registered")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-    return deco
-
-
-def available_tasks() -> list[str]:
-    return sorted(set(_REGISTRY) | set(_BUILTIN))
-
-
-def get_task(name: str) -> type:
-    if name not in _REGISTRY and name in _BUILTIN:
-        module, _ = _BUILTIN[name].split(":")
-        importlib.import_module(module)
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"task.name: unknown task {name!r}; available: {', '.join(available_tasks())}") from None
+REGISTRY = Registry("task", "task", lazy=_BUILTIN)
+register_task = REGISTRY.register
+available_tasks = REGISTRY.available
+get_task = REGISTRY.get
 
 
 def make_task(name: str, **params) -> Task:

@@ -120,8 +120,8 @@ def test_user_registered_algorithm_and_task(monkeypatch):
     import bilevel_ray.tasks
 
     # register into copies so that the plug-ins do not leak into other tests
-    monkeypatch.setattr(bilevel_ray.algorithms.base, "_REGISTRY", dict(bilevel_ray.algorithms.base._REGISTRY))
-    monkeypatch.setattr(bilevel_ray.tasks, "_REGISTRY", dict(bilevel_ray.tasks._REGISTRY))
+    monkeypatch.setattr(bilevel_ray.algorithms.base.REGISTRY, "items", dict(bilevel_ray.algorithms.base.REGISTRY.items))
+    monkeypatch.setattr(bilevel_ray.tasks.REGISTRY, "items", dict(bilevel_ray.tasks.REGISTRY.items))
     from typing import NamedTuple
 
     from bilevel_ray import oracles, tree

@@ -9,7 +9,7 @@ import torch
 
 from bilevel_ray import algorithms as A
 from bilevel_ray.decentralized.data import make_agents
-from bilevel_ray.decentralized.gossip import StaticMixing
+from bilevel_ray.decentralized.gossip import TopologyMixing
 from bilevel_ray.decentralized.ray_backend import RayBackend
 from bilevel_ray.decentralized.sim import SimBackend
 from bilevel_ray.tasks import make_task
@@ -25,13 +25,6 @@ TASKS = {
 }
 
 
-def ring(n):
-    w = np.eye(n) / 3
-    for i in range(n):
-        w[i, (i + 1) % n] += 1 / 3
-        w[i, (i - 1) % n] += 1 / 3
-    return w
-
 
 @pytest.mark.parametrize("task_name", sorted(TASKS))
 @pytest.mark.parametrize("algo_name", sorted(HYPER))
@@ -41,8 +34,8 @@ def test_ray_and_simulation_follow_the_same_trajectory(ray_cluster, algo_name, t
     algo = A.make(algo_name, **HYPER[algo_name])
     split = "dirichlet" if task_name == "logreg_hpo" else "iid"
     agents = make_agents(task, N, split=split, alpha=1.0, seed=0)
-    sim = SimBackend(algo, agents, StaticMixing(ring(N)), seed=3)
-    ray_run = RayBackend(algo, agents, StaticMixing(ring(N)), seed=3)
+    sim = SimBackend(algo, agents, TopologyMixing("ring", N), seed=3)
+    ray_run = RayBackend(algo, agents, TopologyMixing("ring", N), seed=3)
     try:
         for _ in range(50):
             sim.step()
@@ -61,7 +54,7 @@ def test_agents_spread_across_nodes_on_loopback(ray_cluster):
     import ray
 
     task = make_task("quadratic", **TASKS["quadratic"])
-    run = RayBackend(A.make("d_soba"), make_agents(task, 3), StaticMixing(ring(3)), seed=0, strategy="SPREAD")
+    run = RayBackend(A.make("d_soba"), make_agents(task, 3), TopologyMixing("ring", 3), seed=0, strategy="SPREAD")
     try:
         run.step()
         nodes = run.node_ids()

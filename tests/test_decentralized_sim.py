@@ -6,18 +6,12 @@ import torch
 
 from bilevel_ray import algorithms as A
 from bilevel_ray.decentralized.data import make_agents, split_indices
+from bilevel_ray.decentralized.gossip import TopologyMixing
 from bilevel_ray.decentralized.sim import SIM_UNSUPPORTED, SimBackend
 from bilevel_ray.tasks import make_task
 
 DSBO = dict(outer_lr=0.5, inner_lr=0.3, linear_lr=0.3, inner_steps=2, linear_steps=2, tau=0.5)
 
-
-def ring(n):
-    w = np.eye(n) / 3
-    for i in range(n):
-        w[i, (i + 1) % n] += 1 / 3
-        w[i, (i - 1) % n] += 1 / 3
-    return w
 
 
 def test_iid_split_is_a_balanced_partition():
@@ -80,7 +74,7 @@ def test_stacked_agents_without_gossip_equal_independent_runs(name):
 
 def test_gossip_brings_agents_to_consensus():
     task = make_task("quadratic", dim_x=3, dim_y=4, n_inner=128, n_outer=128, batch_size=16)
-    sim = SimBackend(A.make("dsbo_gt", **DSBO), make_agents(task, 6), lambda t: ring(6), seed=0)
+    sim = SimBackend(A.make("dsbo_gt", **DSBO), make_agents(task, 6), TopologyMixing("ring", 6), seed=0)
     for _ in range(60):
         sim.step()
     xs = torch.stack([s.x for s in sim.states()])
@@ -102,7 +96,6 @@ def test_eight_agents_on_a_ring_match_centralized_soba_on_logreg_hpo():
     within 5% of the validation loss h(x) that centralized SOBA reaches in 300 steps (measured: within
     0.01%)."""
     from bilevel_ray.decentralized.backends import average
-    from bilevel_ray.decentralized.gossip import TopologyMixing
 
     task = make_task("logreg_hpo", dataset="synthetic", n_samples=2000, n_features=20, batch_size=32)
     soba = A.make("soba", inner_lr=0.3, outer_lr=2.0, schedule="constant")

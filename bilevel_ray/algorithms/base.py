@@ -9,9 +9,9 @@ agent; the decentralized backends pass ``Σ_j w_ij (·)_j``. A step never import
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, NamedTuple, Protocol, TypeVar, runtime_checkable
+from typing import Any, Callable, ClassVar, NamedTuple, Protocol, runtime_checkable
 
-from bilevel_ray.params import Params, hp
+from bilevel_ray.params import Params, Registry, hp
 from bilevel_ray.problem import BilevelProblem
 from bilevel_ray.tree import PyTree
 
@@ -67,30 +67,10 @@ def decay(lr0: float, t: int, power: float) -> float:
     return lr0 / (t + 1) ** power
 
 
-_REGISTRY: dict[str, type] = {}
-A = TypeVar("A", bound=type)
-
-
-def register(name: str) -> Callable[[A], A]:
-    """Class decorator adding an algorithm to the registry under ``name``."""
-    def deco(cls: A) -> A:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"algorithm {name!r} is already registered")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-    return deco
-
-
-def available() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def get(name: str) -> type:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"algorithm.name: unknown algorithm {name!r}; available: {', '.join(available())}") from None
+REGISTRY = Registry("algorithm", "algorithm")
+register = REGISTRY.register
+available = REGISTRY.available
+get = REGISTRY.get
 
 
 def make(name: str, **hyper: Any) -> BilevelAlgorithm:

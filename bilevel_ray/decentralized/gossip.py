@@ -15,17 +15,7 @@ import numpy as np
 from bilevel_ray.decentralized.mixing import make_mixing, spectral_gap
 from bilevel_ray.decentralized.topology import make_topology
 
-__all__ = ["StaticMixing", "TopologyMixing"]
-
-
-@dataclass(frozen=True)
-class StaticMixing:
-    """The same matrix every round."""
-
-    w: np.ndarray
-
-    def __call__(self, t: int) -> np.ndarray:
-        return self.w
+__all__ = ["TopologyMixing"]
 
 
 @dataclass(frozen=True)
