@@ -26,6 +26,8 @@ from bilevel_ray.plotting import plot_curves
 
 __all__ = ["run", "COUNTERS"]
 
+#: agent failures tolerated in one run before it gives up
+MAX_FAILURES = 10
 #: bookkeeping columns that precede the task's metrics in every row
 COUNTERS = ("step", "wall_time", "oracle_calls", "grad_f", "grad_g", "hvp", "jvp")
 
@@ -87,44 +89,49 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
                 t, wall = payload["round"], payload["wall"]
             _sync()
             wall += time.perf_counter() - start
-            snapshot = (t, wall, backend.states())
+            snapshot = (t, backend.states())
             bar.update(t)
             logged = rows[-1]["step"] if rows else -1
+            failures = 0
             while True:
-                if t > logged and (t % every == 0 or t == steps):
-                    row = _row(t, wall, backend, task)
-                    if writer is None:
-                        writer = csv.DictWriter(fh, fieldnames=list(row))
-                        writer.writeheader()
-                    elif list(row) != writer.fieldnames:
-                        raise ValueError(f"task.metrics: returned keys {list(row)[len(COUNTERS):]} at step {t}, "
-                                         f"expected {writer.fieldnames[len(COUNTERS):]}")
-                    rows.append(row)
-                    writer.writerow(row)
-                    fh.flush()
-                    logged = t
-                    bar.set_postfix(outer=f"{row['outer_objective']:.4g}", refresh=False)
-                    _check_finite(rows, out)
-                if t >= steps:
-                    break
-                start = time.perf_counter()
                 try:
-                    backend.step()
+                    if t > logged and (t % every == 0 or t == steps):
+                        row = _row(t, wall, backend, task)
+                        if writer is None:
+                            writer = csv.DictWriter(fh, fieldnames=list(row))
+                            writer.writeheader()
+                        elif list(row) != writer.fieldnames:
+                            raise ValueError(f"task.metrics: returned keys {list(row)[len(COUNTERS):]} at step "
+                                             f"{t}, expected {writer.fieldnames[len(COUNTERS):]}")
+                        rows.append(row)
+                        writer.writerow(row)
+                        fh.flush()
+                        logged = t
+                        bar.set_postfix(outer=f"{row['outer_objective']:.4g}", refresh=False)
+                        _check_finite(rows, out)
+                    if t >= steps:
+                        break
+                    start = time.perf_counter()
+                    try:
+                        backend.step()
+                    finally:
+                        _sync()
+                        wall += time.perf_counter() - start
+                    t += 1
+                    bar.update()
+                    if keep and t % keep == 0:
+                        states = backend.states()
+                        checkpoint.save(out / "checkpoint.pt", {"round": t, "wall": wall, "states": states})
+                        snapshot = (t, states)
                 except AgentFailure:
-                    t, _, states = snapshot  # replay from the last checkpoint; wall time keeps counting
-                    backend.load_states(states)
+                    # replay from the last checkpoint (wall time keeps counting the lost work)
+                    failures += 1
+                    if failures > MAX_FAILURES:
+                        raise
+                    t = snapshot[0]
+                    _restore(backend, snapshot[1])
                     bar.reset(total=steps)
                     bar.update(t)
-                    continue
-                finally:
-                    _sync()
-                    wall += time.perf_counter() - start
-                t += 1
-                bar.update()
-                if keep and t % keep == 0:
-                    states = backend.states()
-                    checkpoint.save(out / "checkpoint.pt", {"round": t, "wall": wall, "states": states})
-                    snapshot = (t, wall, states)
     finally:
         bar.close()
         if backend is not None:
@@ -133,6 +140,17 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
             _write_atomic(out / "metrics.json", json.dumps([_json_safe(r) for r in rows], indent=1) + "\n")
             plot_curves(rows, out / "curves.png", title, metrics=[k for k in rows[0] if k not in (*COUNTERS, "round_latency")])
     return rows
+
+
+def _restore(backend: Any, states: list[Any]) -> None:
+    """Load ``states`` into every agent, retrying while agents keep failing."""
+    for _ in range(MAX_FAILURES):
+        try:
+            backend.load_states(states)
+            return
+        except AgentFailure:
+            continue
+    raise AgentFailure(f"agents kept failing while restoring the last checkpoint ({MAX_FAILURES} tries)")
 
 
 def _check_finite(rows: list[dict[str, Any]], out: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -24,6 +25,9 @@ from bilevel_ray.decentralized.data import AgentProblem
 from bilevel_ray.tree import PyTree
 
 __all__ = ["RayBackend", "AgentWorker"]
+
+#: buffers up to this size are sent inline with the ``deliver`` call instead of through ``ray.put``
+INLINE_BYTES = 100 * 1024
 
 
 class AgentWorker:
@@ -69,29 +73,33 @@ class AgentWorker:
         import ray
 
         neighbors = [j for j in range(self.n) if j != self.rank and w_row[j] != 0]
+        # Python floats: an np.float64 weight would promote float32 buffers to float64 (NEP 50)
+        w_self, w_nb = float(w_row[self.rank]), [float(w_row[j]) for j in neighbors]
 
         def mix(tree: PyTree) -> PyTree:
             leaves, spec = tree_flatten(tree)
-            buf = np.concatenate([t.detach().reshape(-1).numpy() for t in leaves])
+            flats = [t.detach().reshape(-1) for t in leaves]
+            flat = flats[0] if len(flats) == 1 else torch.cat(flats)
+            buf = flat.numpy()
             e, r = self.epoch, self.gossip_round
             self.gossip_round += 1
             if neighbors:
-                ref = ray.put(buf)
+                # small buffers travel inline with the call; large ones once through the object store
+                payload = buf if buf.nbytes <= INLINE_BYTES else ray.put(buf)
                 for j in neighbors:
-                    self.peers[j].deliver.remote(e, r, self.rank, ref)
+                    self.peers[j].deliver.remote(e, r, self.rank, payload)
                 self.bytes_sent += buf.nbytes * len(neighbors)
             with self.cond:
                 self.cond.wait_for(lambda: self.aborted or all((e, r, j) in self.mailbox for j in neighbors))
                 if self.aborted:
                     raise RuntimeError(f"agent {self.rank}: round aborted (a neighbour failed)")
                 received = [self.mailbox.pop((e, r, j)) for j in neighbors]
-            out = w_row[self.rank] * buf
-            for j, other in zip(neighbors, received):
-                out = out + w_row[j] * other
-            pieces, i = [], 0
-            for t in leaves:
-                pieces.append(torch.from_numpy(out[i:i + t.numel()].reshape(t.shape)).to(t.dtype))
-                i += t.numel()
+            out = torch.mul(flat, w_self)
+            with warnings.catch_warnings():  # object-store arrays are read-only; they are only read here
+                warnings.simplefilter("ignore", UserWarning)
+                for w, other in zip(w_nb, received):
+                    out.add_(torch.from_numpy(other), alpha=w)
+            pieces = [p.view(t.shape) for p, t in zip(out.split([t.numel() for t in leaves]), leaves)]
             return tree_unflatten(pieces, spec)
 
         return mix
@@ -184,14 +192,22 @@ class RayBackend:
                 time.sleep(0.1)
 
     def load_states(self, states: list[Any]) -> None:
-        import ray
-
         self.epoch += 1
-        ray.get([a.load_state.remote(s, self.epoch) for a, s in zip(self.actors, states)])
+        self._on_all(lambda i, a: a.load_state.remote(states[i], self.epoch))
 
     def states(self) -> list[Any]:
+        return self._on_all(lambda i, a: a.get_state.remote())
+
+    def _on_all(self, call: Callable[[int, Any], Any]) -> list[Any]:
+        """``call`` on every actor; a dead actor turns into :class:`AgentFailure` once it is back."""
         import ray
-        return ray.get([a.get_state.remote() for a in self.actors])
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        try:
+            return ray.get([call(i, a) for i, a in enumerate(self.actors)])
+        except (RayActorError, ActorUnavailableError):
+            self._rewire()
+            raise AgentFailure("an agent actor failed and was restarted") from None
 
     def node_ids(self) -> list[str]:
         import ray
