@@ -23,10 +23,9 @@ counts; checked against the actors' ``bytes_sent``). ``ray cpu ms`` = CPU time o
 (all their threads, Ray's included; not the raylet's) per round, summed over agents. Every operator is
 checked once per n against ``W @ X`` (smallest d).
 
-``--prototype`` adds rows for three prototype gossip operators defined here, timed the same way and
-checked against ``W @ X``: ``*_mix_fast`` (the project's object-store transport, cheaper arithmetic,
-small payloads inlined in the ``deliver`` call: :meth:`GossipWorker._mix_fast`), ``*_mix_shm`` (plus a
-same-node shared-memory data path, ``deliver`` carries a slot index: :meth:`GossipWorker._mix_shm`)
+``--prototype`` adds rows for two prototype gossip operators defined here, timed the same way and
+checked against ``W @ X``: ``*_mix_shm`` (the project's operator with a same-node shared-memory data
+path, ``deliver`` carries a slot index: :meth:`GossipWorker._mix_shm`)
 and ``*_mix_pipe`` (shared memory plus FIFO notifications instead of ``deliver.remote``:
 :meth:`GossipWorker._mix_pipe`). ``--profile`` prints, per configuration, where the time of a round
 goes inside an instrumented copy of ``AgentWorker._mix`` (flatten, put, deliver submission, mailbox
@@ -65,7 +64,7 @@ from bilevel_ray.tree import PyTree
 RAY_NODE_IP = "127.0.0.2"  # loopback only (as tests/conftest.py)
 GOAL = (8, 1_000_000, 3.0)  # ratio ray/sim at 8 agents × 1e6 parameters must be ≤ 3
 INLINE_BYTES = 100 * 1024  # Ray's max_direct_call_object_size: smaller task arguments are inlined
-LABELS = {"project": "AgentWorker._mix", "fast": "*_mix_fast", "shm": "*_mix_shm", "pipe": "*_mix_pipe"}
+LABELS = {"project": "AgentWorker._mix", "shm": "*_mix_shm", "pipe": "*_mix_pipe"}
 PHASES = ("flatten", "put", "submit", "wait", "sum", "unflatten")
 
 
@@ -101,7 +100,7 @@ class GossipWorker(AgentWorker):
 
     def _operator(self, variant: str) -> Callable[[PyTree], PyTree]:
         w_row = np.asarray(self.mixing_at(0), dtype=np.float64)[self.rank]
-        return {"project": self._mix, "fast": self._mix_fast, "shm": self._mix_shm, "pipe": self._mix_pipe,
+        return {"project": self._mix, "shm": self._mix_shm, "pipe": self._mix_pipe,
                 "profiled": self._mix_profiled}[variant](w_row)
 
     def _vector(self, d: int) -> torch.Tensor:
@@ -126,44 +125,6 @@ class GossipWorker(AgentWorker):
 
     # ---- prototypes (same protocol: ray.put once, deliver.remote to each neighbour, mailbox) ----
 
-    def _mix_fast(self, w_row: np.ndarray) -> Callable[[PyTree], PyTree]:
-        """Prototype fix of ``_mix``: (1) weights as Python floats, so the sum stays in the buffer's
-        dtype (``np.float64`` scalar × float32 array is float64 under NumPy 2 / NEP 50, which doubles
-        the traffic and adds a cast back); (2) no ``np.concatenate`` copy for a single leaf; (3) the
-        weighted sum as one ``torch.mul`` + an in-place fused ``add_(alpha=w)`` per neighbour (no
-        temporaries); (4) unflatten as views of the output (no per-leaf ``.to`` copy); (5) payloads
-        of at most ``INLINE_BYTES`` go by value in the ``deliver`` call (Ray inlines such arguments
-        in the task; no object-store round trip), larger ones through one ``ray.put`` as before."""
-        import ray
-
-        neighbors = [j for j in range(self.n) if j != self.rank and w_row[j] != 0]
-        w_self, w_nb = float(w_row[self.rank]), [float(w_row[j]) for j in neighbors]
-
-        def mix(tree: PyTree) -> PyTree:
-            leaves, spec = tree_flatten(tree)
-            flats = [t.detach().reshape(-1) for t in leaves]
-            flat = flats[0] if len(flats) == 1 else torch.cat(flats)
-            buf = flat.numpy()
-            e, r = self.epoch, self.gossip_round
-            self.gossip_round += 1
-            if neighbors:
-                ref = buf if buf.nbytes <= INLINE_BYTES else ray.put(buf)
-                for j in neighbors:
-                    self.peers[j].deliver.remote(e, r, self.rank, ref)
-                self.bytes_sent += buf.nbytes * len(neighbors)
-            with self.cond:
-                self.cond.wait_for(lambda: self.aborted or all((e, r, j) in self.mailbox for j in neighbors))
-                if self.aborted:
-                    raise RuntimeError(f"agent {self.rank}: round aborted (a neighbour failed)")
-                received = [self.mailbox.pop((e, r, j)) for j in neighbors]
-            out = torch.mul(flat, w_self)
-            for w, other in zip(w_nb, received):
-                out.add_(torch.from_numpy(other), alpha=w)
-            pieces = [p.view(t.shape) for p, t in zip(out.split([t.numel() for t in leaves]), leaves)]
-            return tree_unflatten(pieces, spec)
-
-        return mix
-
     def shm_create(self, prefix: str, d: int) -> None:
         """Prototype transport: this agent's two send slots, a file in /dev/shm, touched once."""
         path = f"/dev/shm/{prefix}-{self.rank}-{d}"
@@ -187,7 +148,7 @@ class GossipWorker(AgentWorker):
         self.shm_files = []
 
     def _mix_shm(self, w_row: np.ndarray) -> Callable[[PyTree], PyTree]:
-        """Prototype: ``_mix_fast`` with a same-node shared-memory transport. Each agent writes its
+        """Prototype: the project's ``_mix`` with a same-node shared-memory transport. Each agent writes its
         buffer into one of two preallocated, already-mapped slots (round parity) and ``deliver``s
         only the slot index (a tiny inlined call); the neighbour sums straight from its mapping of
         the sender's slots. Two slots suffice on a symmetric graph: agent i can only reach round
@@ -460,7 +421,7 @@ def main() -> None:
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.min_block = args.min_block or (0.1 if args.quick else 0.3)
     torch.set_num_threads(args.threads)
-    variants = ["project"] + (["fast", "shm", "pipe"] if args.prototype else [])
+    variants = ["project"] + (["shm", "pipe"] if args.prototype else [])
 
     os.environ["RAY_worker_niceness"] = str(args.niceness)  # read by the raylet this process starts
     import ray
