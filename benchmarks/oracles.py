@@ -13,14 +13,16 @@ machine hits all of them alike): after a warm-up, each repeat times a block of c
 ``--min-block`` seconds; the table shows the median time per call and the median, over repeats, of
 the time relative to ``grad_xy`` measured in the same repeat. Operations: ``grad_xy`` (∇_x g, ∇_y g),
 ``hvp`` (∇²_yy g·v), ``cross`` (∇²_xy g·v), ``fused_fwd``/``fused_rev`` (∇_y g and both products) and
-one SOBA step (``algorithms.make("soba")``, always from the same state, with ``oracles.fused`` as set
-in the library and with the other variant patched in). Rows marked ``*`` are prototypes timed for
-comparison only: a forward pass without autograd, and the same quantities with ``torch.autograd.grad``
-(``create_graph=True`` double backward) instead of ``torch.func``. ``--profile`` adds, per problem, a
-``torch.profiler`` breakdown of the main oracles: wall vs time inside ATen ops (the difference is
-Python/torch.func dispatch), matrix-product time, count and FLOPs (the work no AD mode can skip), and
-the number of ATen ops. Intra-op threads: ``--threads`` (default 2, the
-machine's cores), set once with ``torch.set_num_threads`` before anything runs.
+one SOBA step (``algorithms.make("soba")``, always from the same state, with the library's
+``oracles.fused``). Rows marked ``*`` are prototypes timed for comparison only: a forward pass without
+autograd; the gradient, HVP and fused triple with ``torch.autograd.grad`` (``create_graph=True``
+double backward) instead of ``torch.func``; a SOBA step with the other fused variant, and one with
+the autograd oracles patched into ``bilevel_ray.oracles`` (checked equal to the library's step).
+
+``--profile`` adds (about 2 minutes) a ``torch.profiler`` breakdown of the main oracles per problem:
+wall time vs time inside ATen ops (the difference is Python / torch.func dispatch), time, count and
+FLOPs of the matrix products (the compute), and the number of ATen ops. Intra-op threads:
+``--threads`` (default 2, the machine's cores), set once with ``torch.set_num_threads`` up front.
 
     .venv/bin/python benchmarks/oracles.py [--repeats 7] [--threads 2] [--batch 256] [--profile]
 """
@@ -39,6 +41,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_leaves
 
 from bilevel_ray import algorithms, oracles
 from bilevel_ray.problem import FiniteSampler, check_problem
@@ -89,7 +92,8 @@ class MLPBilevel:
     @classmethod
     def create(cls, mode: str, batch_size: int, num_batches: int = 8) -> "MLPBilevel":
         n = batch_size * num_batches
-        return cls(mode, FiniteSampler(synthetic(n, 0), batch_size, 0), FiniteSampler(synthetic(n, 1), batch_size, 1))
+        inner, outer = (FiniteSampler(synthetic(n, seed), batch_size, seed) for seed in (0, 1))
+        return cls(mode, inner, outer)
 
     def _params(self, x: Params, y: Params) -> Params:
         return {**x, **y} if self.mode == "repr" else y
@@ -113,27 +117,43 @@ class MLPBilevel:
         return {"log_wd": torch.full((last + 1,), math.log(1e-4))}, p
 
 
-# -- torch.autograd prototypes (comparison only) -----------------------------------------------------
+# -- torch.autograd prototypes (comparison only; same signatures and pytrees as bilevel_ray.oracles) ---
 def _leaves(p: Params, grad: bool) -> Params:
     return {k: t.detach().requires_grad_(grad) for k, t in p.items()}
 
 
-def ag_grad_xy(fn: Callable, x: Params, y: Params, batch: Batch) -> tuple[torch.Tensor, ...]:
+def _grads(out: Any, wrt: Params, grad_outputs: Any = None, create_graph: bool = False) -> Params:
+    gs = torch.autograd.grad(out, list(wrt.values()), grad_outputs, create_graph=create_graph,
+                             allow_unused=True)
+    return {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(wrt.items(), gs)}
+
+
+def _split(both: dict[tuple[str, str], torch.Tensor], x: Params, y: Params) -> tuple[Params, Params]:
+    return {k: both["x", k] for k in x}, {k: both["y", k] for k in y}
+
+
+def _joint(x: Params, y: Params) -> dict[tuple[str, str], torch.Tensor]:
+    return {**{("x", k): t for k, t in x.items()}, **{("y", k): t for k, t in y.items()}}
+
+
+def ag_grad_xy(fn: Callable, x: Params, y: Params, batch: Batch) -> tuple[Params, Params]:
     x, y = _leaves(x, True), _leaves(y, True)
-    return torch.autograd.grad(fn(x, y, batch), [*x.values(), *y.values()])
+    return _split(_grads(fn(x, y, batch), _joint(x, y)), x, y)
 
 
-def ag_hvp(fn: Callable, x: Params, y: Params, v: Params, batch: Batch) -> tuple[torch.Tensor, ...]:
+def ag_hvp(fn: Callable, x: Params, y: Params, v: Params, batch: Batch) -> Params:
+    """``create_graph=True`` double backward, ``x`` not tracked."""
     x, y = _leaves(x, False), _leaves(y, True)
-    gy = torch.autograd.grad(fn(x, y, batch), list(y.values()), create_graph=True)
-    return torch.autograd.grad(gy, list(y.values()), list(v.values()))
+    gy = _grads(fn(x, y, batch), y, create_graph=True)
+    return _grads(list(gy.values()), y, list(v.values()))
 
 
-def ag_fused(fn: Callable, x: Params, y: Params, v: Params, batch: Batch) -> tuple[Any, ...]:
+def ag_fused(fn: Callable, x: Params, y: Params, v: Params, batch: Batch) -> tuple[Params, Params, Params]:
+    """``(∇_y g, ∇²_xy g·v, ∇²_yy g·v)``: one backward with ``create_graph=True``, one double backward."""
     x, y = _leaves(x, True), _leaves(y, True)
-    gy = torch.autograd.grad(fn(x, y, batch), list(y.values()), create_graph=True)
-    second = torch.autograd.grad(gy, [*x.values(), *y.values()], list(v.values()), allow_unused=True)
-    return tuple(t.detach() for t in gy), second
+    gy = _grads(fn(x, y, batch), y, create_graph=True)
+    jv, hv = _split(_grads(list(gy.values()), _joint(x, y), list(v.values())), x, y)
+    return {k: t.detach() for k, t in gy.items()}, jv, hv
 
 
 # -- timing ------------------------------------------------------------------------------------------
@@ -170,26 +190,37 @@ def run_problem(mode: str, args: argparse.Namespace) -> dict[str, float]:
         for a, b in zip(variant(g, x, y, v, batch), ref):
             for k in a:
                 torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
-    for a, b in zip(ag_hvp(g, x, y, v, batch), ref[2].values()):  # dicts keep their order
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    for a, b in zip((*ag_fused(g, x, y, v, batch), ag_hvp(g, x, y, v, batch)), (*ref, ref[2])):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
 
     soba = algorithms.make("soba", inner_lr=0.01, outer_lr=0.001, schedule="constant")
     state = soba.init(problem, x, y, seed=0)
     for _ in range(3):  # so that v is not zero
         state = soba.step(state, problem)
     lib_fused = oracles.fused
-    lib_name = "fused_rev" if lib_fused is oracles.fused_rev else "fused_fwd" if lib_fused is oracles.fused_fwd else "?"
+    lib_name = {oracles.fused_rev: "fused_rev", oracles.fused_fwd: "fused_fwd"}.get(lib_fused, "?")
     other_name, other = (("fused_fwd", oracles.fused_fwd) if lib_name == "fused_rev"
                          else ("fused_rev", oracles.fused_rev))
 
-    def soba_with(fused: Callable) -> Callable[[], Any]:
+    def soba_with(**patch: Callable) -> Callable[[], Any]:
+        """A SOBA step with some of ``oracles``' functions replaced (restored after the step)."""
+        saved = {name: getattr(oracles, name) for name in patch}
+
         def op() -> Any:
-            oracles.fused = fused
+            for name, fn in patch.items():
+                setattr(oracles, name, fn)
             try:
                 return soba.step(state, problem)
             finally:
-                oracles.fused = lib_fused
+                for name, fn in saved.items():
+                    setattr(oracles, name, fn)
         return op
+
+    # a step with autograd oracles must equal the library's step
+    patched, library = soba_with(fused=ag_fused, grad_xy=ag_grad_xy)(), soba.step(state, problem)
+    for a, b in zip(tree_leaves(patched[:3]), tree_leaves(library[:3])):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
 
     ops: dict[str, Callable[[], Any]] = {
         "grad_xy": lambda: oracles.grad_xy(g, x, y, batch),
@@ -198,7 +229,8 @@ def run_problem(mode: str, args: argparse.Namespace) -> dict[str, float]:
         "fused_fwd": lambda: oracles.fused_fwd(g, x, y, v, batch),
         "fused_rev": lambda: oracles.fused_rev(g, x, y, v, batch),
         "soba_step": lambda: soba.step(state, problem),
-        f"soba_step[{other_name}]*": soba_with(other),
+        f"soba_step[{other_name}]*": soba_with(fused=other),
+        "soba_step[autograd]*": soba_with(fused=ag_fused, grad_xy=ag_grad_xy),
         "forward no-grad*": lambda: _no_grad(g, x, y, batch),
         "autograd grad_xy*": lambda: ag_grad_xy(g, x, y, batch),
         "autograd hvp*": lambda: ag_hvp(g, x, y, v, batch),
