@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map
 
+from bilevel_ray import tree
+
 __all__ = ["AgentFailure", "SingleBackend", "make_backend", "average", "consensus_error"]
 
 
@@ -47,22 +49,6 @@ class SingleBackend:
         pass
 
 
-class _Timed:
-    """Adds ``latency_last_round`` to the simulation backend."""
-
-    def __init__(self, inner: Any):
-        self.inner, self.name = inner, inner.name
-        self.latency_last_round = 0.0
-
-    def step(self) -> None:
-        start = time.perf_counter()
-        self.inner.step()
-        self.latency_last_round = time.perf_counter() - start
-
-    def __getattr__(self, item: str) -> Any:
-        return getattr(self.inner, item)
-
-
 def make_backend(task: Any, algo: Any, settings: Any, *, seed: int) -> Any:
     """The backend a config's ``decentralized`` section asks for (connecting to Ray if needed)."""
     if settings.agents == 1 and settings.backend == "sim":
@@ -76,19 +62,18 @@ def make_backend(task: Any, algo: Any, settings: Any, *, seed: int) -> Any:
     if settings.backend == "sim":
         from bilevel_ray.decentralized.sim import SimBackend
 
-        return _Timed(SimBackend(algo, agents, schedule, seed=seed))
+        return SimBackend(algo, agents, schedule, seed=seed)
     from bilevel_ray.decentralized.ray_backend import RayBackend
 
     owned = _connect_ray(settings.address, settings.agents)
     try:
-        backend = RayBackend(algo, agents, schedule, seed=seed, strategy=settings.placement)
+        return RayBackend(algo, agents, schedule, seed=seed, strategy=settings.placement, owns_ray=owned)
     except BaseException:
         if owned:
-            _shutdown_ray()
+            import ray
+
+            ray.shutdown()
         raise
-    if owned:
-        backend.close = _and_then(backend.close, _shutdown_ray)
-    return backend
 
 
 def _connect_ray(address: str | None, agents: int) -> bool:
@@ -105,21 +90,6 @@ def _connect_ray(address: str | None, agents: int) -> bool:
     return True
 
 
-def _shutdown_ray() -> None:
-    import ray
-
-    ray.shutdown()
-
-
-def _and_then(first, second):
-    def both() -> None:
-        try:
-            first()
-        finally:
-            second()
-    return both
-
-
 def average(trees: list[Any]) -> Any:
     return tree_map(lambda *leaves: torch.stack(leaves).mean(0), *trees)
 
@@ -127,12 +97,4 @@ def average(trees: list[Any]) -> Any:
 def consensus_error(trees: list[Any]) -> float:
     """``mean_i ‖x_i − x̄‖²``."""
     mean = average(trees)
-    total = 0.0
-    for t in trees:
-        total += float(sum(((a - b) ** 2).sum() for a, b in zip(_leaves(t), _leaves(mean))))
-    return total / len(trees)
-
-
-def _leaves(tree: Any) -> list[torch.Tensor]:
-    from torch.utils._pytree import tree_flatten
-    return tree_flatten(tree)[0]
+    return sum(float(tree.sq_norm(tree.sub(t, mean))) for t in trees) / len(trees)

@@ -125,7 +125,7 @@ class RayBackend:
 
     def __init__(self, algo: Any, agents: list[AgentProblem], mixing_at: Callable[[int], np.ndarray], *,
                  seed: int, strategy: str = "SPREAD", cpus_per_agent: float = 1.0, max_restarts: int = 3,
-                 name: str | None = None):
+                 name: str | None = None, owns_ray: bool = False):
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -148,6 +148,7 @@ class RayBackend:
                               ).remote(a, p, i, self.n, m, seed)
             for i, (a, p, m) in enumerate(self._args)]
         ray.get([a.set_peers.remote(dict(enumerate(self.actors))) for a in self.actors])
+        self.owns_ray = owns_ray  # close() also shuts down the Ray session this run started
         self.epoch = 0
         self.bytes_last_round = 0
         self.latency_last_round = 0.0
@@ -217,6 +218,10 @@ class RayBackend:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        for a in self.actors:
-            ray.kill(a)
-        remove_placement_group(self.pg)
+        try:
+            for a in self.actors:
+                ray.kill(a)
+            remove_placement_group(self.pg)
+        finally:
+            if self.owns_ray:
+                ray.shutdown()

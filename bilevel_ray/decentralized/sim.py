@@ -9,6 +9,7 @@ run on the Ray backend (one agent per actor) and are refused here with a clear e
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -57,12 +58,14 @@ class SimBackend:
         x, y = self.problem.init(seed=seed)
         self.state = algo.init(self.problem, x, y, seed=seed, rank=tuple(range(self.n)))
         self.bytes_last_round = 0
+        self.latency_last_round = 0.0
 
     def step(self) -> None:
-        w = self.mixing_at(self.state.t)
-        mix = MatrixMix(w)
+        start = time.perf_counter()
+        mix = MatrixMix(self.mixing_at(self.state.t))
         self.state = self.algo.step(self.state, self.problem, mix)
         self.bytes_last_round = mix.bytes
+        self.latency_last_round = time.perf_counter() - start
 
     def states(self) -> list[Any]:
         """Per-agent views of the stacked state (fields with an agent axis are split)."""
