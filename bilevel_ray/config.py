@@ -81,6 +81,8 @@ class DecentralizedSettings(Params):
     backend: str = hp("sim", choices=("sim", "ray"), doc="vectorized simulation or one Ray actor per agent")
     address: str | None = hp(None, doc="ray only: cluster address (null: start a loopback cluster)")
     placement: str = hp("SPREAD", choices=("SPREAD", "PACK", "STRICT_SPREAD"), doc="ray only: placement strategy")
+    transport: str = hp("auto", choices=("auto", "object_store"),
+                        doc="ray only: auto = shared memory between agents on one node, object store across nodes")
 
 
 @dataclass(frozen=True)

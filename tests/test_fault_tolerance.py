@@ -40,11 +40,13 @@ def assert_same_run(a, b, steps=30, every=2):
             assert abs(ra[key] - rb[key]) <= 1e-9 * max(1.0, abs(rb[key])), (ra["step"], key)
 
 
-def test_killed_agent_is_restarted_and_the_run_is_unchanged(tmp_path, ray_cluster):
+@pytest.mark.parametrize("placement", ["SPREAD", "PACK"])  # object-store / shared-memory gossip
+def test_killed_agent_is_restarted_and_the_run_is_unchanged(tmp_path, ray_cluster, placement):
     import ray
 
-    path = write(tmp_path, backend="ray")
-    assert main(["run", str(path), "--out", str(tmp_path / "clean"), "--no-progress"]) == 0
+    # the uninterrupted reference: the simulation (equal to the Ray backend, see test_decentralized_ray)
+    assert main(["run", str(write(tmp_path, "clean")), "--out", str(tmp_path / "clean"), "--no-progress"]) == 0
+    path = write(tmp_path, backend="ray", placement=placement)
     killed = []
 
     def killer():  # kill agent 1 once the run has logged a few rows (mid-run)

@@ -67,7 +67,8 @@ def make_backend(task: Any, algo: Any, settings: Any, *, seed: int) -> Any:
 
     owned = _connect_ray(settings.address, settings.agents)
     try:
-        return RayBackend(algo, agents, schedule, seed=seed, strategy=settings.placement, owns_ray=owned)
+        return RayBackend(algo, agents, schedule, seed=seed, strategy=settings.placement,
+                          transport=settings.transport, owns_ray=owned)
     except BaseException:
         if owned:
             import ray

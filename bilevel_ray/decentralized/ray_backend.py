@@ -1,19 +1,21 @@
-"""Ray backend: one actor per agent, gossip through the object store.
+"""Ray backend: one actor per agent, gossip through shared memory on a node and the object store across.
 
 Each agent actor holds its own problem shard and algorithm state and runs the *same* ``step`` as the
-other backends; its ``mix`` flattens the iterate into one contiguous numpy buffer, ``ray.put``s it
-once, hands the reference to each neighbour's ``deliver`` (the neighbour reads it zero-copy from the
-object store) and waits for the neighbours' buffers of the same gossip round. Actors are threaded
-(``max_concurrency``) so ``deliver`` runs while ``step`` waits. Actors are placed with a placement
-group of one CPU bundle per agent (``SPREAD`` across nodes by default).
+other backends; its ``mix`` flattens the iterate into one contiguous buffer and swaps it with its
+neighbours through a :class:`~bilevel_ray.decentralized.transport.Transport` (same-node peers read the
+buffer from shared memory, peers on other nodes zero-copy from the object store), then forms the
+weighted sum. Actors are threaded (``max_concurrency``) so ``deliver`` and ``abort`` run while
+``step`` waits. Actors are placed with a placement group of one CPU bundle per agent (``SPREAD``
+across nodes by default).
 """
 
 from __future__ import annotations
 
-import threading
+import contextlib
+import glob
+import os
 import time
 import uuid
-import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -22,56 +24,46 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from bilevel_ray.decentralized.backends import AgentFailure
 from bilevel_ray.decentralized.data import AgentProblem
+from bilevel_ray.decentralized.transport import Transport, shm_dir
 from bilevel_ray.tree import PyTree
 
 __all__ = ["RayBackend", "AgentWorker"]
-
-#: buffers up to this size are sent inline with the ``deliver`` call instead of through ``ray.put``
-INLINE_BYTES = 100 * 1024
-
 
 class AgentWorker:
     """The body of one agent actor (a thin shell: the algorithm step does the work)."""
 
     def __init__(self, algo: Any, problem: AgentProblem, rank: int, n: int,
-                 mixing_at: Callable[[int], np.ndarray], seed: int, torch_threads: int = 1):
+                 mixing_at: Callable[[int], np.ndarray], seed: int, torch_threads: int = 1,
+                 name: str = "bilevel-ray", transport: str = "auto"):
         torch.set_num_threads(torch_threads)
         self.algo, self.problem, self.rank, self.n = algo, problem, rank, n
         self.mixing_at = mixing_at
         x, y = problem.init(seed=seed)
         self.state = algo.init(problem, x, y, seed=seed, rank=rank)
-        self.peers: dict[int, Any] = {}
-        self.mailbox: dict[tuple[int, int, int], np.ndarray] = {}
-        self.cond = threading.Condition()
-        self.epoch = 0  # bumped at every restore: messages of an aborted round are dropped
+        self.transport = Transport(name, rank, transport)
         self.gossip_round = 0
-        self.aborted = False
-        self.bytes_sent = 0
 
-    def set_peers(self, peers: dict[int, Any]) -> None:
-        self.peers = peers
+    def set_peers(self, peers: dict[int, Any], nodes: dict[int, str] | None = None) -> None:
+        """Neighbour handles and the node each runs on (same-node peers gossip through shared memory)."""
+        self.transport.connect(peers, nodes or {})
 
     def deliver(self, epoch: int, gossip_round: int, src: int, payload: np.ndarray) -> None:
-        with self.cond:
-            if epoch == self.epoch:
-                self.mailbox[(epoch, gossip_round, src)] = payload
-                self.cond.notify_all()
+        self.transport.deliver(epoch, gossip_round, src, payload)
 
     def abort(self) -> None:
         """Make a step blocked on a dead neighbour give up (it raises)."""
-        with self.cond:
-            self.aborted = True
-            self.cond.notify_all()
+        self.transport.abort()
 
     def load_state(self, state: Any, epoch: int) -> None:
         """Restart from ``state`` in a new gossip epoch (after a failure or on resume)."""
-        with self.cond:
-            self.state, self.epoch, self.gossip_round, self.aborted = state, epoch, 0, False
-            self.mailbox.clear()
+        self.state, self.gossip_round = state, 0
+        self.transport.reset(epoch)
+
+    def shutdown(self) -> None:
+        """Remove this agent's shared-memory files (the actor is killed right after)."""
+        self.transport.close()
 
     def _mix(self, w_row: np.ndarray) -> Callable[[PyTree], PyTree]:
-        import ray
-
         neighbors = [j for j in range(self.n) if j != self.rank and w_row[j] != 0]
         # Python floats: an np.float64 weight would promote float32 buffers to float64 (NEP 50)
         w_self, w_nb = float(w_row[self.rank]), [float(w_row[j]) for j in neighbors]
@@ -80,35 +72,25 @@ class AgentWorker:
             leaves, spec = tree_flatten(tree)
             flats = [t.detach().reshape(-1) for t in leaves]
             flat = flats[0] if len(flats) == 1 else torch.cat(flats)
-            buf = flat.numpy()
-            e, r = self.epoch, self.gossip_round
+            r = self.gossip_round
             self.gossip_round += 1
-            if neighbors:
-                # small buffers travel inline with the call; large ones once through the object store
-                payload = buf if buf.nbytes <= INLINE_BYTES else ray.put(buf)
-                for j in neighbors:
-                    self.peers[j].deliver.remote(e, r, self.rank, payload)
-                self.bytes_sent += buf.nbytes * len(neighbors)
-            with self.cond:
-                self.cond.wait_for(lambda: self.aborted or all((e, r, j) in self.mailbox for j in neighbors))
-                if self.aborted:
-                    raise RuntimeError(f"agent {self.rank}: round aborted (a neighbour failed)")
-                received = [self.mailbox.pop((e, r, j)) for j in neighbors]
+            received = self.transport.exchange(r, flat, neighbors)
             out = torch.mul(flat, w_self)
-            with warnings.catch_warnings():  # object-store arrays are read-only; they are only read here
-                warnings.simplefilter("ignore", UserWarning)
-                for w, other in zip(w_nb, received):
-                    out.add_(torch.from_numpy(other), alpha=w)
+            for w, other in zip(w_nb, received):
+                out.add_(other, alpha=w)
+            self.transport.release(r, neighbors)
             pieces = [p.view(t.shape) for p, t in zip(out.split([t.numel() for t in leaves]), leaves)]
             return tree_unflatten(pieces, spec)
 
         return mix
 
     def step(self) -> dict[str, float]:
-        start, sent = time.perf_counter(), self.bytes_sent
+        tr = self.transport
+        start, sent, shared = time.perf_counter(), tr.bytes_sent, tr.bytes_shared
         w = np.asarray(self.mixing_at(self.state.t), dtype=np.float64)
         self.state = self.algo.step(self.state, self.problem, self._mix(w[self.rank]))
-        return {"bytes": self.bytes_sent - sent, "seconds": time.perf_counter() - start}
+        return {"bytes": tr.bytes_sent - sent, "shared": tr.bytes_shared - shared,
+                "seconds": time.perf_counter() - start}
 
     def get_state(self) -> Any:
         return self.state
@@ -125,7 +107,7 @@ class RayBackend:
 
     def __init__(self, algo: Any, agents: list[AgentProblem], mixing_at: Callable[[int], np.ndarray], *,
                  seed: int, strategy: str = "SPREAD", cpus_per_agent: float = 1.0, max_restarts: int = 3,
-                 name: str | None = None, owns_ray: bool = False):
+                 name: str | None = None, transport: str = "auto", owns_ray: bool = False):
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -145,12 +127,12 @@ class RayBackend:
             actor_cls.options(num_cpus=cpus_per_agent, max_concurrency=4, max_restarts=max_restarts,
                               name=f"{self.name}-agent-{i}", scheduling_strategy=
                               PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)
-                              ).remote(a, p, i, self.n, m, seed)
+                              ).remote(a, p, i, self.n, m, seed, name=self.name, transport=transport)
             for i, (a, p, m) in enumerate(self._args)]
-        ray.get([a.set_peers.remote(dict(enumerate(self.actors))) for a in self.actors])
+        self._rewire()
         self.owns_ray = owns_ray  # close() also shuts down the Ray session this run started
         self.epoch = 0
-        self.bytes_last_round = 0
+        self.bytes_last_round = self.bytes_shared_last_round = 0
         self.latency_last_round = 0.0
 
     def step(self) -> None:
@@ -176,16 +158,19 @@ class RayBackend:
             raise AgentFailure("an agent actor failed during the round and was restarted")
         self.latency_last_round = time.perf_counter() - start
         self.bytes_last_round = int(sum(r["bytes"] for r in reports))
+        self.bytes_shared_last_round = int(sum(r["shared"] for r in reports))  # through shared memory
 
     def _rewire(self, timeout: float = 120.0) -> None:
-        """Wait for restarted actors to come back and give every actor its peers again."""
+        """Wait for (restarted) actors to come up and give every actor its peers and their nodes."""
         import ray
         from ray.exceptions import ActorUnavailableError
 
         deadline = time.monotonic() + timeout
         while True:
             try:
-                ray.get([a.set_peers.remote(dict(enumerate(self.actors))) for a in self.actors], timeout=timeout)
+                nodes = dict(enumerate(ray.get([a.node_id.remote() for a in self.actors], timeout=timeout)))
+                peers = dict(enumerate(self.actors))
+                ray.get([a.set_peers.remote(peers, nodes) for a in self.actors], timeout=timeout)
                 return
             except ActorUnavailableError:
                 if time.monotonic() > deadline:
@@ -219,9 +204,16 @@ class RayBackend:
         from ray.util.placement_group import remove_placement_group
 
         try:
+            try:  # agents remove their shared-memory files; a dead agent's are removed below
+                ray.get([a.shutdown.remote() for a in self.actors], timeout=30)
+            except Exception:  # noqa: BLE001 - the actors are killed anyway
+                pass
             for a in self.actors:
                 ray.kill(a)
             remove_placement_group(self.pg)
+            for path in glob.glob(os.path.join(shm_dir(), f"{self.name}-*")):  # driver on the agents' node
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
         finally:
             if self.owns_ray:
                 ray.shutdown()
