@@ -1,5 +1,6 @@
 """Command line: ``bilevel-ray run CONFIG.yaml [section.key=value ...] [--out DIR] [--no-progress]
-[--resume]`` and ``bilevel-ray list``.
+[--resume]``, ``bilevel-ray tune CONFIG.yaml [--num-samples N] [--resume] [--out DIR]`` and
+``bilevel-ray list``.
 
 Exit codes: 0 success, 1 the run failed (diverged, cannot write its output, interrupted: 130), 2 bad
 usage or configuration (``bilevel-ray: error: <one line>`` on stderr, no traceback). Heavy modules
@@ -32,6 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "list":
             return _list()
+        if args.command == "tune":
+            return _tune(args.config, args.num_samples, args.resume, args.out)
         return _run(args.config, [*args.overrides, *extra], args.out, False if args.no_progress else None,
                     args.resume)
     except BrokenPipeError:  # e.g. `bilevel-ray list | head`: stop quietly
@@ -41,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Stochastic bilevel optimization runs.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,list}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,tune,list}")
     run = sub.add_parser("run", help="run one configuration", description=(
         "Run CONFIG.yaml (sections task, algorithm, run); overrides look like algorithm.outer_lr=0.1."))
     run.add_argument("config", help="YAML config file")
@@ -50,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     run.add_argument("--resume", action="store_true",
                      help="continue a killed run from the checkpoint in its output folder")
+    tune = sub.add_parser("tune", help="sweep a configuration with Ray Tune", description=(
+        "Sweep CONFIG.yaml's tune.param_space with Ray Tune (see README, Tuning)."))
+    tune.add_argument("config", help="YAML config file with a tune section")
+    tune.add_argument("--num-samples", type=int, metavar="N", help="trials (overrides tune.num_samples)")
+    tune.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials are kept)")
+    tune.add_argument("--out", metavar="DIR", help="experiment folder (default: tune.storage/tune.name, "
+                                                   "i.e. runs/tune/<config stem>)")
     sub.add_parser("list", help="list algorithms and tasks with their parameters")
     return parser
 
@@ -85,6 +95,46 @@ def _run(config: str, overrides: list[str], out: str | None, progress: bool | No
             print(f"  {key:<20} {value:.6g}")
     for name in ("metrics.csv", "metrics.json", "curves.png", "config.yaml"):
         print(f"  {out_dir / name}")
+    return 0
+
+
+def _tune(config: str, num_samples: int | None, resume: bool, out: str | None) -> int:
+    from bilevel_ray.config import read_sections
+    from bilevel_ray.decentralized.backends import connect_ray
+
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+    if num_samples is not None and num_samples < 1:
+        return _error(f"--num-samples: must be >= 1, got {num_samples}", 2)
+    try:
+        from bilevel_ray import tune
+
+        raw = read_sections(config)
+        settings, _, _, cfg = tune.validate(raw, num_samples=num_samples)
+        path = Path(out) if out else Path(settings.storage or "runs/tune") / (settings.name or Path(config).stem)
+        path = path.resolve()
+        cpus = len(tune.trial_resources(cfg.decentralized).bundles)
+        owned = connect_ray(cfg.decentralized.address, max(os.cpu_count() or 1, cpus))
+        try:
+            tuner = tune.make_tuner(raw, path=path, resume=resume, num_samples=num_samples)
+            results = tuner.fit()
+            trials = tune.summarize(results, raw, path)
+        finally:
+            if owned:
+                import ray
+
+                ray.shutdown()
+    except ValueError as e:
+        return _error(str(e), 2)
+    except RuntimeError as e:
+        return _error(str(e), 1)
+    except KeyboardInterrupt:
+        return _error(f"interrupted; resume with: {PROG} tune {config} --resume", 130)
+    keys = [k for k in trials[0] if k not in ("trial", "status", settings.metric, "step", "_history")]
+    print(f"\nbest trials ({settings.metric}, {settings.mode}) of {len(trials)}:")
+    print(tune.format_table(trials, settings.metric, keys))
+    for name in ("best_config.yaml", "trials.csv", "curves.png", "params.png"):
+        print(f"  {path / name}")
+    print(f"  run the best config: {PROG} run {path / 'best_config.yaml'}")
     return 0
 
 

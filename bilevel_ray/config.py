@@ -26,10 +26,10 @@ if TYPE_CHECKING:  # the registries import torch; config stays light until a con
     from bilevel_ray.algorithms import Hyperparams
     from bilevel_ray.tasks import Task
 
-__all__ = ["ConfigError", "RunSettings", "DecentralizedSettings", "RunConfig", "load_config", "from_dict",
-           "apply_overrides"]
+__all__ = ["ConfigError", "RunSettings", "DecentralizedSettings", "RunConfig", "load_config", "read_sections",
+           "from_dict", "apply_overrides"]
 
-SECTIONS = ("task", "algorithm", "run", "decentralized")
+SECTIONS = ("task", "algorithm", "run", "decentralized", "tune")  # tune: read by bilevel_ray.tune only
 
 
 class _Loader(yaml.SafeLoader):
@@ -80,7 +80,7 @@ class DecentralizedSettings(Params):
     alpha: float = hp(0.5, low=0, doc="dirichlet only: concentration (small: label-skewed)")
     backend: str = hp("sim", choices=("sim", "ray"), doc="vectorized simulation or one Ray actor per agent")
     address: str | None = hp(None, doc="ray only: cluster address (null: start a loopback cluster)")
-    placement: str = hp("SPREAD", choices=("SPREAD", "PACK", "STRICT_SPREAD"), doc="ray only: placement strategy")
+    placement: str = hp("SPREAD", choices=("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"), doc="ray only: placement strategy")
     transport: str = hp("auto", choices=("auto", "object_store"),
                         doc="ray only: auto = shared memory between agents on one node, object store across nodes")
 
@@ -107,6 +107,11 @@ class RunConfig:
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
     """Read ``path``, apply ``section.key=value`` overrides and validate everything."""
+    return from_dict(read_sections(path), overrides, default_out=Path("runs") / Path(path).stem)
+
+
+def read_sections(path: str | Path) -> Any:
+    """The parsed YAML of a config file (not validated yet)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config: file not found: {path}")
@@ -120,7 +125,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
         raise ConfigError(f"config: invalid YAML in {path}{where}: {e.problem or e}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config: cannot read {path}: {e}") from None
-    return from_dict({} if raw is None else raw, overrides, default_out=Path("runs") / path.stem)
+    return {} if raw is None else raw
 
 
 def from_dict(raw: Any, overrides: Iterable[str] = (), *, default_out: Path = Path("runs/run")) -> RunConfig:

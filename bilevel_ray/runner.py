@@ -24,7 +24,7 @@ from bilevel_ray.config import RunConfig
 from bilevel_ray.decentralized.backends import AgentFailure, average, consensus_error, make_backend
 from bilevel_ray.plotting import plot_curves
 
-__all__ = ["run", "COUNTERS"]
+__all__ = ["run", "metrics_row", "COUNTERS"]
 
 #: agent failures tolerated in one run before it gives up
 MAX_FAILURES = 10
@@ -96,7 +96,7 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
             while True:
                 try:
                     if t > logged and (t % every == 0 or t == steps):
-                        row = _row(t, wall, backend, task)
+                        row = metrics_row(t, wall, backend, task)
                         if writer is None:
                             writer = csv.DictWriter(fh, fieldnames=list(row))
                             writer.writeheader()
@@ -188,7 +188,7 @@ def _read_rows(path: Path, upto: int) -> list[dict[str, Any]]:
     return [r for r in rows if r["step"] <= upto]
 
 
-def _row(step: int, wall: float, backend: Any, task: Any) -> dict[str, Any]:
+def metrics_row(step: int, wall: float, backend: Any, task: Any) -> dict[str, Any]:
     states = backend.states()
     calls = [sum(getattr(s.calls, k) for s in states) for k in COUNTERS[3:]]
     row: dict[str, Any] = {"step": step, "wall_time": wall, "oracle_calls": int(sum(calls)),

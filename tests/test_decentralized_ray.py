@@ -54,7 +54,7 @@ def test_ray_and_simulation_follow_the_same_trajectory(ray_cluster, algo_name, t
 
 
 @pytest.mark.parametrize("placement,transport,shared", [
-    ("PACK", "auto", "all"),  # one node: every buffer through shared memory
+    ("STRICT_PACK", "auto", "all"),  # one node: every buffer through shared memory
     ("SPREAD", "auto", "some"),  # 4 agents on 3 nodes: shared memory on a node, object store across
     ("PACK", "object_store", "none"),
 ])

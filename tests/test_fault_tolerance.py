@@ -40,7 +40,7 @@ def assert_same_run(a, b, steps=30, every=2):
             assert abs(ra[key] - rb[key]) <= 1e-9 * max(1.0, abs(rb[key])), (ra["step"], key)
 
 
-@pytest.mark.parametrize("placement", ["SPREAD", "PACK"])  # object-store / shared-memory gossip
+@pytest.mark.parametrize("placement", ["STRICT_SPREAD", "STRICT_PACK"])  # object store / shared memory
 def test_killed_agent_is_restarted_and_the_run_is_unchanged(tmp_path, ray_cluster, placement):
     import ray
 

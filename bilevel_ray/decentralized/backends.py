@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_map
 
 from bilevel_ray import tree
 
-__all__ = ["AgentFailure", "SingleBackend", "make_backend", "average", "consensus_error"]
+__all__ = ["AgentFailure", "SingleBackend", "make_backend", "connect_ray", "average", "consensus_error"]
 
 
 class AgentFailure(RuntimeError):
@@ -49,8 +49,10 @@ class SingleBackend:
         pass
 
 
-def make_backend(task: Any, algo: Any, settings: Any, *, seed: int) -> Any:
-    """The backend a config's ``decentralized`` section asks for (connecting to Ray if needed)."""
+def make_backend(task: Any, algo: Any, settings: Any, *, seed: int, placement_group: Any = None,
+                 first_bundle: int = 0) -> Any:
+    """The backend a config's ``decentralized`` section asks for (connecting to Ray if needed).
+    ``placement_group`` / ``first_bundle``: Ray agents go into these bundles of an existing group."""
     if settings.agents == 1 and settings.backend == "sim":
         return SingleBackend(algo, task, seed=seed)
     from bilevel_ray.decentralized.data import make_agents
@@ -65,10 +67,11 @@ def make_backend(task: Any, algo: Any, settings: Any, *, seed: int) -> Any:
         return SimBackend(algo, agents, schedule, seed=seed)
     from bilevel_ray.decentralized.ray_backend import RayBackend
 
-    owned = _connect_ray(settings.address, settings.agents)
+    owned = connect_ray(settings.address, settings.agents)
     try:
         return RayBackend(algo, agents, schedule, seed=seed, strategy=settings.placement,
-                          transport=settings.transport, owns_ray=owned)
+                          transport=settings.transport, owns_ray=owned, placement_group=placement_group,
+                          first_bundle=first_bundle)
     except BaseException:
         if owned:
             import ray
@@ -77,8 +80,9 @@ def make_backend(task: Any, algo: Any, settings: Any, *, seed: int) -> Any:
         raise
 
 
-def _connect_ray(address: str | None, agents: int) -> bool:
-    """Connect to ``address`` or start a loopback-only local cluster; True if this call started Ray."""
+def connect_ray(address: str | None, cpus: int) -> bool:
+    """Connect to ``address`` or start a loopback-only local cluster with at least ``cpus`` logical CPUs;
+    True if this call started Ray."""
     import ray
 
     if ray.is_initialized():
@@ -86,7 +90,8 @@ def _connect_ray(address: str | None, agents: int) -> bool:
     if address is not None:
         ray.init(address=address, log_to_driver=False)
         return True
-    ray.init(_node_ip_address=LOOPBACK_NODE_IP, num_cpus=max(agents, 2), include_dashboard=False,
+    # address="local": always a new cluster of our own, never one that happens to run on this machine
+    ray.init(address="local", _node_ip_address=LOOPBACK_NODE_IP, num_cpus=max(cpus, 2), include_dashboard=False,
              log_to_driver=False)
     return True
 

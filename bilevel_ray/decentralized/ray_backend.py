@@ -107,15 +107,19 @@ class RayBackend:
 
     def __init__(self, algo: Any, agents: list[AgentProblem], mixing_at: Callable[[int], np.ndarray], *,
                  seed: int, strategy: str = "SPREAD", cpus_per_agent: float = 1.0, max_restarts: int = 3,
-                 name: str | None = None, transport: str = "auto", owns_ray: bool = False):
+                 name: str | None = None, transport: str = "auto", owns_ray: bool = False,
+                 placement_group: Any = None, first_bundle: int = 0):
+        """``placement_group``: place agent ``i`` in bundle ``first_bundle + i`` of this existing group
+        (a Tune trial's, see :mod:`bilevel_ray.tune`) instead of creating one with ``strategy``."""
         import ray
-        from ray.util.placement_group import placement_group
+        import ray.util
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         if not ray.is_initialized():
             raise RuntimeError("decentralized.backend: ray needs a connected Ray cluster (ray.init or run.address)")
         self.n = len(agents)
-        self.pg = placement_group([{"CPU": cpus_per_agent}] * self.n, strategy=strategy)
+        self.owns_pg = placement_group is None
+        self.pg = placement_group or ray.util.placement_group([{"CPU": cpus_per_agent}] * self.n, strategy=strategy)
         ray.get(self.pg.ready(), timeout=120)
         actor_cls = ray.remote(AgentWorker)
         self.name = name or f"bilevel-ray-{uuid.uuid4().hex[:8]}"
@@ -126,7 +130,7 @@ class RayBackend:
         self.actors = [
             actor_cls.options(num_cpus=cpus_per_agent, max_concurrency=4, max_restarts=max_restarts,
                               name=f"{self.name}-agent-{i}", scheduling_strategy=
-                              PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)
+                              PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=first_bundle + i)
                               ).remote(a, p, i, self.n, m, seed, name=self.name, transport=transport)
             for i, (a, p, m) in enumerate(self._args)]
         self._rewire()
@@ -210,7 +214,8 @@ class RayBackend:
                 pass
             for a in self.actors:
                 ray.kill(a)
-            remove_placement_group(self.pg)
+            if self.owns_pg:
+                remove_placement_group(self.pg)
             for path in glob.glob(os.path.join(shm_dir(), f"{self.name}-*")):  # driver on the agents' node
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
