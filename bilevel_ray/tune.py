@@ -366,16 +366,22 @@ def _plots(trials: list[dict[str, Any]], spaces: list[Space], settings: TuneSett
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    positive = True
+    positive, starts, highest = True, [], -math.inf
     for t in trials:
         df = t["_history"]
         if df is None or metric not in df or "step" not in df:
             continue
         values = df[metric].astype(float)
-        positive &= bool((values[values.abs() < math.inf] > 0).all())
+        finite = values[values.abs() < math.inf]
+        positive &= bool((finite > 0).all())
+        if len(finite):
+            starts.append(abs(float(finite.iloc[0])))
+            highest = max(highest, float(finite.max()))
         ax.plot(df["step"], values, marker=".", label=str(t["trial"]))
     if positive:
         ax.set_yscale("log")
+    if starts and highest > 100 * max(starts) > 0:  # diverged trials leave the frame instead of flattening it
+        ax.set_ylim(top=100 * max(starts))
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per trial")
