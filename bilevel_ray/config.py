@@ -185,11 +185,11 @@ def _build(sections: dict[str, dict[str, Any]], default_out: Path) -> RunConfig:
         raise ConfigError(f"decentralized.split: 'dirichlet' needs a task with class labels ({task.name} has "
                           f"none); use iid")
     if decentralized.backend == "sim" and decentralized.agents > 1:
-        from bilevel_ray.decentralized.sim import SIM_UNSUPPORTED
+        from bilevel_ray.decentralized.sim import refusal
 
-        if algorithm.name in SIM_UNSUPPORTED:
-            raise ConfigError(f"decentralized.backend: {algorithm.name} needs {SIM_UNSUPPORTED[algorithm.name]}; "
-                              f"use backend: ray")
+        why = refusal(algorithm)
+        if why:
+            raise ConfigError(why)
     return RunConfig(task=task, algorithm=algorithm, run=run, out_dir=out_dir, decentralized=decentralized)
 
 

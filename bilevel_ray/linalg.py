@@ -20,7 +20,12 @@ __all__ = ["cg", "projected_solve_dense", "projected_solve_lanczos"]
 
 
 def cg(op: Op, b: torch.Tensor, x0: torch.Tensor, iters: int, tol: float = 0.0) -> torch.Tensor:
-    """``iters`` conjugate-gradient steps on ``op(x) = b`` from ``x0`` (``op`` symmetric PD)."""
+    """``iters`` conjugate-gradient steps on ``op(x) = b`` from ``x0`` (``op`` symmetric PD).
+
+    A 2-D ``b`` holds independent systems, one per row (agents of the vectorized simulation, with a
+    block-diagonal ``op``): every row runs its own CG and stops on its own."""
+    if b.ndim == 2:
+        return _cg_rows(op, b, x0, iters, tol)
     x = x0
     r = b - op(x)
     p = r
@@ -38,6 +43,30 @@ def cg(op: Op, b: torch.Tensor, x0: torch.Tensor, iters: int, tol: float = 0.0) 
         rs_new = torch.dot(r, r)
         p = r + (rs_new / rs) * p
         rs = rs_new
+    return x
+
+
+def _cg_rows(op: Op, b: torch.Tensor, x0: torch.Tensor, iters: int, tol: float) -> torch.Tensor:
+    """Row-wise :func:`cg`: a row that would stop (small residual, or no positive curvature) freezes."""
+    x = x0
+    r = b - op(x)
+    p = r
+    rs = (r * r).sum(1)
+    live = torch.ones_like(rs, dtype=torch.bool)
+    for _ in range(iters):
+        live = live & (rs.sqrt() > tol)
+        if not live.any():
+            break
+        ap = op(p)
+        denom = (p * ap).sum(1)
+        live = live & (denom > 0)
+        alpha = torch.where(live, rs / torch.where(live, denom, 1), 0).unsqueeze(1)
+        x = x + alpha * p
+        r = r - alpha * ap
+        rs_new = (r * r).sum(1)
+        beta = torch.where(live, rs_new / torch.where(live, rs, 1), 0).unsqueeze(1)
+        p = torch.where(live.unsqueeze(1), r + beta * p, p)
+        rs = torch.where(live, rs_new, rs)
     return x
 
 

@@ -44,7 +44,7 @@ def test_decentralized_run_logs_network_metrics(tmp_path, capsys, backend, reque
     ("decentralized.topology=hypercube", r"decentralized\.topology: must be one of ring, "),
     ("decentralized.backend=mpi", r"decentralized\.backend: must be one of sim, ray"),
     ("decentralized.split=dirichlet", r"decentralized\.split: 'dirichlet' needs a task with class labels"),
-    ("algorithm.name=bome", r"decentralized\.backend: bome needs per-agent inner products; use backend: ray"),
+    ("algorithm.name=saba", r"decentralized\.backend: saba needs per-minibatch SAGA tables; use backend: ray"),
 ])
 def test_bad_decentralized_settings_are_one_line(tmp_path, capsys, override, message):
     import re

@@ -81,6 +81,26 @@ def test_transports_on_a_time_varying_graph_follow_the_simulation(ray_cluster, p
     assert not glob.glob(os.path.join(shm_dir(), f"{run.name}-*"))  # shared-memory files removed
 
 
+@pytest.mark.parametrize("algo_name,hyper", [
+    ("bome", dict(outer_lr=0.05, inner_lr=0.3, inner_steps=3)),  # per-agent barrier
+    ("aid_cg", dict(outer_lr=0.3, inner_lr=0.3, inner_steps=3, cg_steps=3)),  # per-agent conjugate gradient
+])
+def test_per_agent_reductions_follow_the_same_trajectory_on_ray(ray_cluster, algo_name, hyper):
+    task = make_task("quadratic", **TASKS["quadratic"])
+    algo = A.make(algo_name, **hyper)
+    agents = make_agents(task, 3, seed=0)
+    sim = SimBackend(algo, agents, TopologyMixing("ring", 3), seed=1)
+    run = RayBackend(algo, agents, TopologyMixing("ring", 3), seed=1)
+    try:
+        for _ in range(20):
+            sim.step()
+            run.step()
+        for a, b in zip(sim.states(), run.states()):
+            assert float((a.x - b.x).abs().max()) <= 1e-6 and float((a.y - b.y).abs().max()) <= 1e-6
+    finally:
+        run.close()
+
+
 def test_agents_spread_across_nodes_on_loopback(ray_cluster):
     import ray
 

@@ -34,3 +34,23 @@ def test_lanczos_matches_dense_at_full_krylov_dim_and_converges():
     errs = [float(torch.linalg.vector_norm(linalg.projected_solve_lanczos(lambda u: h @ u, b, 0.2, k) - ref))
             for k in (5, 15, 30)]
     assert errs[2] < errs[0]
+
+
+def test_row_wise_cg_runs_one_independent_cg_per_row():
+    """Stacked systems (agents of the simulation): row i equals a 1-D CG on system i, including a row
+    that stops early (zero right-hand side) and one that meets non-positive curvature."""
+    g = torch.Generator().manual_seed(3)
+    mats = []
+    for _ in range(3):
+        a = torch.randn(6, 6, dtype=torch.float64, generator=g)
+        mats.append(a @ a.T + 0.5 * torch.eye(6, dtype=torch.float64))
+    mats[2] = -mats[2]  # negative definite: CG stops at once, x stays x0
+    b = torch.randn(3, 6, dtype=torch.float64, generator=g)
+    b[1] = 0
+    x0 = torch.randn(3, 6, dtype=torch.float64, generator=g) * torch.tensor([[1.0], [0.0], [1.0]], dtype=torch.float64)
+    op = lambda u: torch.stack([m @ r for m, r in zip(mats, u)])  # noqa: E731 - block-diagonal operator
+    got = linalg.cg(op, b, x0, iters=4)
+    for i, m in enumerate(mats):
+        want = linalg.cg(lambda u: m @ u, b[i], x0[i], iters=4)
+        assert torch.allclose(got[i], want, rtol=0, atol=1e-12), i
+    assert torch.equal(got[2], x0[2]) and torch.equal(got[1], torch.zeros(6, dtype=torch.float64))

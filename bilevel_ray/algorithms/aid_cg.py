@@ -45,8 +45,9 @@ class AIDCG(Hyperparams):
         _, bi = problem.inner.sample(rng)
         _, bo = problem.outer.sample(rng)
         fx, fy = oracles.grad_xy(problem.f, s.x, y, bo)
-        op = tree.as_flat_fn(lambda u: oracles.hvp(problem.g, s.x, y, u, bi), y)
-        v = tree.unflatten_like(linalg.cg(op, tree.flatten(fy), tree.flatten(mix(s.v)), self.cg_steps), y)
+        nb = int(getattr(problem, "stacked", False))  # simulated agents: one CG per agent
+        op = tree.as_flat_fn(lambda u: oracles.hvp(problem.g, s.x, y, u, bi), y, nb)
+        v = tree.unflatten_like(linalg.cg(op, tree.flatten(fy, nb), tree.flatten(mix(s.v), nb), self.cg_steps), y, nb)
         hg = tree.sub(fx, oracles.cross(problem.g, s.x, y, v, bi))
         x = tree.axpy(-self.outer_lr, hg, mix(s.x))
         calls = s.calls.add(grad_f=1, grad_g=self.inner_steps, hvp=self.cg_steps + 1, jvp=1)

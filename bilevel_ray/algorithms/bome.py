@@ -52,9 +52,10 @@ class BOME(Hyperparams):
         gx_theta, g_theta = oracles.value_and_grad_xy(problem.g, s.x, theta, bi)
         qx, qy = tree.sub(gx, gx_theta[0]), gy
         fx, fy = oracles.grad_xy(problem.f, s.x, s.y, bo)
-        q_sq = tree.sq_norm(qx) + tree.sq_norm(qy)
+        nb = int(getattr(problem, "stacked", False))  # simulated agents: one barrier per agent
+        q_sq = tree.sq_norm(qx, nb) + tree.sq_norm(qy, nb)
         phi = self.eta * (q_sq if self.phi == "grad_norm" else g_val - g_theta)
-        inner = tree.vdot(fx, qx) + tree.vdot(fy, qy)
+        inner = tree.vdot(fx, qx, nb) + tree.vdot(fy, qy, nb)
         lam = torch.clamp(phi - inner, min=0) / q_sq.clamp_min(torch.finfo(q_sq.dtype).tiny)
         x = tree.axpy(-self.outer_lr, tree.axpy(lam, qx, fx), mix(s.x))
         y = tree.axpy(-self.outer_lr, tree.axpy(lam, qy, fy), mix(s.y))

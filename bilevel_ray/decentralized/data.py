@@ -122,7 +122,10 @@ class StackedSampler:
 
 
 class StackedProblem:
-    """All agents at once: ``f(X, Y, batches) = Σ_i f_i(X[i], Y[i], batches[i])`` on stacked pytrees."""
+    """All agents at once: ``f(X, Y, batches) = Σ_i f_i(X[i], Y[i], batches[i])`` on stacked pytrees.
+    ``stacked`` tells algorithms to reduce per agent (``tree.vdot(..., batch=1)`` and friends)."""
+
+    stacked = True
 
     def __init__(self, agents: Sequence[AgentProblem]):
         self.agents = tuple(agents)

@@ -2,9 +2,10 @@
 product with the mixing matrix ``W``, every agent's oracles from one pass over the summed objective
 (see :class:`~bilevel_ray.decentralized.data.StackedProblem`).
 
-Algorithms whose step reduces across a whole iterate (inner products: BOME's barrier, CG, Lanczos) or
-keeps per-minibatch tables (SABA) need per-agent reductions that the stacked form does not give; they
-run on the Ray backend (one agent per actor) and are refused here with a clear error.
+Reductions inside a step (BOME's barrier, AID-CG's conjugate gradient) run per agent: the stacked
+problem says ``stacked = True`` and the algorithms pass ``batch=1`` to ``tree`` / ``linalg``. SABA's
+per-minibatch tables and the Lanczos solver are not stacked; they run on the Ray backend (one agent
+per actor) and are refused here with a clear error.
 """
 
 from __future__ import annotations
@@ -19,11 +20,23 @@ from torch.utils._pytree import tree_flatten, tree_map
 from bilevel_ray.decentralized.data import AgentProblem, StackedProblem, stack, unstack
 from bilevel_ray.tree import PyTree
 
-__all__ = ["MatrixMix", "SimBackend", "SIM_UNSUPPORTED"]
+__all__ = ["MatrixMix", "SimBackend", "SIM_UNSUPPORTED", "refusal"]
 
 #: algorithms that need per-agent reductions or tables (run them with backend: ray)
-SIM_UNSUPPORTED = {"saba": "per-minibatch SAGA tables", "bome": "per-agent inner products",
-                   "aid_cg": "per-agent conjugate gradient"}
+SIM_UNSUPPORTED = {"saba": "per-minibatch SAGA tables"}
+
+
+def refusal(algo: Any) -> str | None:
+    """Why ``algo`` cannot run on several simulated agents (a one-line error), or None."""
+    if algo.name in SIM_UNSUPPORTED:
+        return f"decentralized.backend: {algo.name} needs {SIM_UNSUPPORTED[algo.name]}; use backend: ray"
+    if getattr(algo, "solver", None) == "lanczos":
+        return ("decentralized.backend: the Lanczos solver needs per-agent Krylov spaces; "
+                "use algorithm.solver: dense or backend: ray")
+    if algo.name == "bome" and algo.phi == "value":
+        return ("algorithm.phi: 'value' needs each agent's value of g, which the simulation sums; "
+                "use phi: grad_norm or decentralized.backend: ray")
+    return None
 
 
 class MatrixMix:
@@ -46,12 +59,9 @@ class SimBackend:
 
     def __init__(self, algo: Any, agents: list[AgentProblem], mixing_at: Callable[[int], np.ndarray], *,
                  seed: int):
-        blocked = SIM_UNSUPPORTED.get(algo.name)
-        if blocked and len(agents) > 1:
-            raise ValueError(f"decentralized.backend: {algo.name} needs {blocked}; use backend: ray")
-        if getattr(algo, "solver", None) == "lanczos" and len(agents) > 1:
-            raise ValueError("decentralized.backend: the Lanczos solver needs per-agent Krylov spaces; "
-                             "use algorithm.solver: dense or backend: ray")
+        why = refusal(algo) if len(agents) > 1 else None
+        if why:
+            raise ValueError(why)
         self.algo, self.n = algo, len(agents)
         self.problem = StackedProblem(agents)
         self.mixing_at = mixing_at
