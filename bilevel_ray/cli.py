@@ -33,10 +33,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "list":
             return _list()
+        address = [f"decentralized.address={args.address}"] if args.address else []
         if args.command == "tune":
-            return _tune(args.config, args.num_samples, args.resume, args.out)
-        return _run(args.config, [*args.overrides, *extra], args.out, False if args.no_progress else None,
-                    args.resume)
+            return _tune(args.config, args.num_samples, args.resume, args.out, address)
+        return _run(args.config, [*args.overrides, *extra, *address], args.out,
+                    False if args.no_progress else None, args.resume)
     except BrokenPipeError:  # e.g. `bilevel-ray list | head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
@@ -53,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     run.add_argument("--resume", action="store_true",
                      help="continue a killed run from the checkpoint in its output folder")
+    run.add_argument("--address", metavar="ADDR", help="Ray cluster to run agents on (decentralized.address), "
+                                                       "e.g. ray://HEAD:10001 or auto")
     tune = sub.add_parser("tune", help="sweep a configuration with Ray Tune", description=(
         "Sweep CONFIG.yaml's tune.param_space with Ray Tune (see README, Tuning)."))
     tune.add_argument("config", help="YAML config file with a tune section")
@@ -60,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials are kept)")
     tune.add_argument("--out", metavar="DIR", help="experiment folder (default: tune.storage/tune.name, "
                                                    "i.e. runs/tune/<config stem>)")
+    tune.add_argument("--address", metavar="ADDR", help="Ray cluster to sweep on (decentralized.address)")
     sub.add_parser("list", help="list algorithms and tasks with their parameters")
     return parser
 
@@ -98,8 +102,8 @@ def _run(config: str, overrides: list[str], out: str | None, progress: bool | No
     return 0
 
 
-def _tune(config: str, num_samples: int | None, resume: bool, out: str | None) -> int:
-    from bilevel_ray.config import read_sections
+def _tune(config: str, num_samples: int | None, resume: bool, out: str | None, overrides: list[str]) -> int:
+    from bilevel_ray.config import apply_overrides, read_sections
     from bilevel_ray.decentralized.backends import connect_ray
 
     warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
@@ -109,6 +113,8 @@ def _tune(config: str, num_samples: int | None, resume: bool, out: str | None) -
         from bilevel_ray import tune
 
         raw = read_sections(config)
+        if overrides and isinstance(raw, dict):
+            raw = {**raw, **apply_overrides({k: v for k, v in raw.items() if k != "tune"}, overrides)}
         settings, _, _, cfg = tune.validate(raw, num_samples=num_samples)
         path = Path(out) if out else Path(settings.storage or "runs/tune") / (settings.name or Path(config).stem)
         path = path.resolve()

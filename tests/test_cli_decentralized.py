@@ -55,3 +55,26 @@ def test_bad_decentralized_settings_are_one_line(tmp_path, capsys, override, mes
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(message, err), err
     assert not (tmp_path / "out").exists()
+
+
+def test_run_connects_to_an_existing_cluster_by_address(tmp_path, ray_cluster):
+    """Another process (the CLI) joins the session's multi-node loopback cluster with --address; its
+    agents run there, and the cluster stays up after the run (the run did not start it)."""
+    import os
+    import subprocess
+    import sys
+
+    import ray
+
+    path = write(tmp_path, decentralized={**CONFIG["decentralized"], "backend": "ray", "agents": 3,
+                                          "placement": "STRICT_SPREAD"})
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "bilevel_ray.cli", "run", str(path), "--out", str(tmp_path / "out"),
+                           "--no-progress", "--address", ray_cluster.address], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert rows[-1]["step"] == 6 and rows[-1]["consensus_error"] > 0
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["decentralized"]["address"] == \
+        ray_cluster.address
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 3  # STRICT_SPREAD: 3 agents needed all 3 nodes
