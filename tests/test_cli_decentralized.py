@@ -44,14 +44,14 @@ def test_decentralized_run_logs_network_metrics(tmp_path, capsys, backend, reque
     ("decentralized.topology=hypercube", r"decentralized\.topology: must be one of ring, "),
     ("decentralized.backend=mpi", r"decentralized\.backend: must be one of sim, ray"),
     ("decentralized.split=dirichlet", r"decentralized\.split: 'dirichlet' needs a task with class labels"),
-    ("algorithm.name=saba", r"decentralized\.backend: saba needs per-minibatch SAGA tables; use backend: ray"),
+    ("algorithm.name=msgbio;algorithm.solver=lanczos", r"decentralized\.backend: the Lanczos solver needs"),
 ])
 def test_bad_decentralized_settings_are_one_line(tmp_path, capsys, override, message):
     import re
 
     path = write(tmp_path, algorithm={"name": "dsbo"}) if "dirichlet" in override else write(
         tmp_path, algorithm={"name": "dsbo_gt"})
-    assert main(["run", str(path), override, "--out", str(tmp_path / "out")]) == 2
+    assert main(["run", str(path), *override.split(";"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(message, err), err
     assert not (tmp_path / "out").exists()

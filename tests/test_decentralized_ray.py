@@ -84,11 +84,15 @@ def test_transports_on_a_time_varying_graph_follow_the_simulation(ray_cluster, p
 @pytest.mark.parametrize("algo_name,hyper", [
     ("bome", dict(outer_lr=0.05, inner_lr=0.3, inner_steps=3)),  # per-agent barrier
     ("aid_cg", dict(outer_lr=0.3, inner_lr=0.3, inner_steps=3, cg_steps=3)),  # per-agent conjugate gradient
+    ("saba", dict(outer_lr=0.1, inner_lr=0.3)),  # one SAGA table per agent, shards of unequal sizes
 ])
 def test_per_agent_reductions_follow_the_same_trajectory_on_ray(ray_cluster, algo_name, hyper):
-    task = make_task("quadratic", **TASKS["quadratic"])
+    task_name = "logreg_hpo" if algo_name == "saba" else "quadratic"  # label-skewed shards need labels
+    task = make_task(task_name, **TASKS[task_name])
     algo = A.make(algo_name, **hyper)
-    agents = make_agents(task, 3, seed=0)
+    agents = make_agents(task, 3, split="dirichlet" if algo_name == "saba" else "iid", alpha=0.5, seed=0)
+    if algo_name == "saba":
+        assert len({a.inner.num_batches for a in agents}) > 1
     sim = SimBackend(algo, agents, TopologyMixing("ring", 3), seed=1)
     run = RayBackend(algo, agents, TopologyMixing("ring", 3), seed=1)
     try:

@@ -25,25 +25,42 @@ from bilevel_ray.tree import PyTree
 
 
 class SAGATable(NamedTuple):
-    """``memory`` holds one pytree per index (leaves stacked on dim 0); ``mean`` is their average."""
+    """``memory`` holds one pytree per index (leaves stacked on dim 0); ``mean`` is their average.
+    Simulated agents (leaves ``(slots, agents, ...)``) each average over their own ``counts`` slots."""
 
     memory: PyTree
     mean: PyTree
+    counts: torch.Tensor | None = None  # per agent, stacked tables only
 
 
-def _table(slots: list[PyTree]) -> SAGATable:
+def _table(slots: list[PyTree], counts: tuple[int, ...] | None = None) -> SAGATable:
     memory = tree.tree_map(lambda *ls: torch.stack(ls), *slots)
-    return SAGATable(memory, tree.tree_map(lambda m: m.mean(0), memory))
+    if counts is None:
+        return SAGATable(memory, tree.tree_map(lambda m: m.mean(0), memory))
+    c = torch.tensor(counts)
+    live = torch.arange(len(slots)).unsqueeze(1) < c  # (slots, agents): the fillers past an agent's count
+    mean = tree.tree_map(lambda m: (m * live.reshape(*live.shape, *[1] * (m.ndim - 2))).sum(0)
+                         / c.reshape(-1, *[1] * (m.ndim - 2)).to(m.dtype), memory)
+    return SAGATable(memory, mean, c)
 
 
-def _saga(table: SAGATable, k: int, new: PyTree) -> tuple[PyTree, SAGATable]:
-    """SAGA direction for slot ``k`` and the updated table (memory written in place)."""
-    n = tree.tree_map(lambda m: m.shape[0], table.memory)
-    delta = tree.tree_map(lambda p, m: p - m[k], new, table.memory)
+def _saga(table: SAGATable, k: int | tuple[int, ...], new: PyTree) -> tuple[PyTree, SAGATable]:
+    """SAGA direction for slot ``k`` (one per agent when stacked) and the updated table (memory
+    written in place)."""
+    if table.counts is None:
+        n = tree.tree_map(lambda m: m.shape[0], table.memory)
+        delta = tree.tree_map(lambda p, m: p - m[k], new, table.memory)
+        direction = tree.add(delta, table.mean)
+        mean = tree.tree_map(lambda mu, d, size: mu + d / size, table.mean, delta, n)
+        tree.tree_map(lambda m, p: m[k].copy_(p), table.memory, new)
+        return direction, SAGATable(table.memory, mean)
+    at = (torch.tensor(k), torch.arange(len(k)))
+    delta = tree.tree_map(lambda p, m: p - m[at], new, table.memory)
     direction = tree.add(delta, table.mean)
-    mean = tree.tree_map(lambda mu, d, size: mu + d / size, table.mean, delta, n)
-    tree.tree_map(lambda m, p: m[k].copy_(p), table.memory, new)
-    return direction, SAGATable(table.memory, mean)
+    mean = tree.tree_map(lambda mu, d: mu + d / table.counts.reshape(-1, *[1] * (d.ndim - 1)).to(d.dtype),
+                         table.mean, delta)
+    tree.tree_map(lambda m, p: m.index_put_(at, p), table.memory, new)
+    return direction, SAGATable(table.memory, mean, table.counts)
 
 
 class SABAState(NamedTuple):
@@ -65,14 +82,20 @@ class SABA(Hyperparams):
     outer_lr: float = hp(0.01, low=0, doc="γ, constant step of x")
 
     def init(self, problem: BilevelProblem, x: PyTree, y: PyTree, *, seed: int = 0, rank: int = 0) -> SABAState:
-        ni, no = problem.inner.num_batches, problem.outer.num_batches
+        # simulated agents: one table per agent, sized by the largest shard
+        ci = co = None
+        if getattr(problem, "stacked", False):
+            ci, co = problem.inner.counts, problem.outer.counts
+            ni, no = max(ci), max(co)
+        else:
+            ni, no = problem.inner.num_batches, problem.outer.num_batches
         if ni is None or no is None:
             raise ValueError("algorithm.name: saba needs finite datasets (samplers with num_batches)")
         x, y = tree.detach(x), tree.detach(y)
         v = tree.zeros_like(y)
-        inner = _table([oracles.fused(problem.g, x, y, v, problem.inner.batch(k)) for k in range(ni)])
-        outer = _table([oracles.grad_xy(problem.f, x, y, problem.outer.batch(k)) for k in range(no)])
-        calls = Calls().add(grad_f=no, grad_g=ni, hvp=ni, jvp=ni)
+        inner = _table([oracles.fused(problem.g, x, y, v, problem.inner.batch(k)) for k in range(ni)], ci)
+        outer = _table([oracles.grad_xy(problem.f, x, y, problem.outer.batch(k)) for k in range(no)], co)
+        calls = Calls().add(grad_f=no, grad_g=ni, hvp=ni, jvp=ni)  # per agent (fillers included)
         return SABAState(x, y, v, inner, outer, 0, seed, rank, calls)
 
     def step(self, s: SABAState, problem: BilevelProblem, mix: Mix = identity_mix) -> SABAState:

@@ -110,12 +110,22 @@ class StackedSampler:
 
     samplers: tuple[FiniteSampler, ...]
 
-    num_batches = None  # per-agent tables (SABA) are not stacked
+    num_batches = None  # not one count: each agent has its own (``counts``)
 
-    def sample(self, rng: AgentRNGs) -> tuple[int, tuple[Batch, ...]]:
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """Each agent's number of minibatches (shards may differ in size)."""
+        return tuple(s.num_batches for s in self.samplers)
+
+    def batch(self, index: int) -> tuple[Batch, ...]:
+        """Every agent's minibatch ``index`` (its last one where it has fewer: a never-sampled filler)."""
+        return tuple(s.batch(min(index, s.num_batches - 1)) for s in self.samplers)
+
+    def sample(self, rng: AgentRNGs) -> tuple[tuple[int, ...], tuple[Batch, ...]]:
         if not isinstance(rng, AgentRNGs) or len(rng.generators) != len(self.samplers):
             raise TypeError("StackedSampler.sample: needs one generator per agent (a state with stacked ranks)")
-        return -1, tuple(s.sample(g)[1] for s, g in zip(self.samplers, rng.generators))
+        draws = [s.sample(g) for s, g in zip(self.samplers, rng.generators)]
+        return tuple(k for k, _ in draws), tuple(b for _, b in draws)
 
     def full(self) -> tuple[Batch, ...]:
         return tuple(s.full() for s in self.samplers)

@@ -2,10 +2,10 @@
 product with the mixing matrix ``W``, every agent's oracles from one pass over the summed objective
 (see :class:`~bilevel_ray.decentralized.data.StackedProblem`).
 
-Reductions inside a step (BOME's barrier, AID-CG's conjugate gradient) run per agent: the stacked
-problem says ``stacked = True`` and the algorithms pass ``batch=1`` to ``tree`` / ``linalg``. SABA's
-per-minibatch tables and the Lanczos solver are not stacked; they run on the Ray backend (one agent
-per actor) and are refused here with a clear error.
+Reductions inside a step (BOME's barrier, AID-CG's conjugate gradient) and SABA's memory tables run
+per agent: the stacked problem says ``stacked = True`` and the algorithms pass ``batch=1`` to
+``tree`` / ``linalg`` or keep one table per agent. The Lanczos solver and BOME's ``phi: value`` are
+not stacked; they run on the Ray backend (one agent per actor) and are refused here with a clear error.
 """
 
 from __future__ import annotations
@@ -20,16 +20,13 @@ from torch.utils._pytree import tree_flatten, tree_map
 from bilevel_ray.decentralized.data import AgentProblem, StackedProblem, stack, unstack
 from bilevel_ray.tree import PyTree
 
-__all__ = ["MatrixMix", "SimBackend", "SIM_UNSUPPORTED", "refusal"]
+__all__ = ["MatrixMix", "SimBackend", "refusal"]
 
 #: algorithms that need per-agent reductions or tables (run them with backend: ray)
-SIM_UNSUPPORTED = {"saba": "per-minibatch SAGA tables"}
 
 
 def refusal(algo: Any) -> str | None:
     """Why ``algo`` cannot run on several simulated agents (a one-line error), or None."""
-    if algo.name in SIM_UNSUPPORTED:
-        return f"decentralized.backend: {algo.name} needs {SIM_UNSUPPORTED[algo.name]}; use backend: ray"
     if getattr(algo, "solver", None) == "lanczos":
         return ("decentralized.backend: the Lanczos solver needs per-agent Krylov spaces; "
                 "use algorithm.solver: dense or backend: ray")
@@ -95,8 +92,8 @@ class SimBackend:
             values = [getattr(s, name) for s in states]
             if name == "rank":
                 fields[name] = tuple(range(self.n))
-            else:
-                fields[name] = stack(values) if _leaves(values[0]) else values[0]
+            else:  # fields that states() shared out (not stacked per agent) come back as they went
+                fields[name] = stack(values) if _stacked(getattr(self.state, name), self.n) else values[0]
         self.state = type(self.state)(**fields)
 
     def close(self) -> None:
