@@ -8,11 +8,12 @@ a crash mid-write leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from bilevel_ray.files import atomic_write
 
 __all__ = ["to_plain", "from_plain", "save", "load"]
 
@@ -42,10 +43,7 @@ def from_plain(plain: Any, template: Any) -> Any:
 
 
 def save(path: Path, payload: dict[str, Any]) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(to_plain(payload), tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(to_plain(payload), tmp))
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -115,15 +115,15 @@ def _tune(config: str, num_samples: int | None, resume: bool, out: str | None, o
         raw = read_sections(config)
         if overrides and isinstance(raw, dict):
             raw = {**raw, **apply_overrides({k: v for k, v in raw.items() if k != "tune"}, overrides)}
-        settings, _, _, cfg = tune.validate(raw, num_samples=num_samples)
+        sweep = tune.validate(raw, num_samples=num_samples)
+        settings = sweep.settings
         path = Path(out) if out else Path(settings.storage or "runs/tune") / (settings.name or Path(config).stem)
         path = path.resolve()
-        cpus = len(tune.trial_resources(cfg.decentralized).bundles)
-        owned = connect_ray(cfg.decentralized.address, max(os.cpu_count() or 1, cpus))
+        cpus = len(tune.trial_resources(sweep.cfg.decentralized).bundles)
+        owned = connect_ray(sweep.cfg.decentralized.address, max(os.cpu_count() or 1, cpus))
         try:
-            tuner = tune.make_tuner(raw, path=path, resume=resume, num_samples=num_samples)
-            results = tuner.fit()
-            trials = tune.summarize(results, raw, path)
+            results = tune.make_tuner(sweep, path=path, resume=resume).fit()
+            trials = tune.summarize(results, sweep, path)
         finally:
             if owned:
                 import ray
@@ -135,9 +135,8 @@ def _tune(config: str, num_samples: int | None, resume: bool, out: str | None, o
         return _error(str(e), 1)
     except KeyboardInterrupt:
         return _error(f"interrupted; resume with: {PROG} tune {config} --resume", 130)
-    keys = [k for k in trials[0] if k not in ("trial", "status", settings.metric, "step", "_history")]
     print(f"\nbest trials ({settings.metric}, {settings.mode}) of {len(trials)}:")
-    print(tune.format_table(trials, settings.metric, keys))
+    print(tune.format_table(trials, settings.metric, [s.key for s in sweep.spaces]))
     for name in ("best_config.yaml", "trials.csv", "curves.png", "params.png"):
         print(f"  {path / name}")
     print(f"  run the best config: {PROG} run {path / 'best_config.yaml'}")

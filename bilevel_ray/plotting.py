@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
+
+from bilevel_ray.files import atomic_write
 
 __all__ = ["plot_curves"]
 
@@ -34,10 +35,12 @@ def plot_curves(rows: Sequence[Mapping[str, float]], path: str | Path, title: st
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    save_figure(fig, path)
+
+
+def save_figure(fig: object, path: str | Path) -> None:
+    """Write a matplotlib figure as PNG, atomically."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 def _as_float(value: object) -> float:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,11 +19,12 @@ import torch
 import yaml
 
 from bilevel_ray import checkpoint
+from bilevel_ray.files import write_text
 from bilevel_ray.config import RunConfig
 from bilevel_ray.decentralized.backends import AgentFailure, average, consensus_error, make_backend
 from bilevel_ray.plotting import plot_curves
 
-__all__ = ["run", "metrics_row", "COUNTERS"]
+__all__ = ["run", "metrics_row", "save_point", "restore_point", "COUNTERS"]
 
 #: agent failures tolerated in one run before it gives up
 MAX_FAILURES = 10
@@ -65,7 +65,7 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
         rows = _read_rows(out / "metrics.csv", upto=payload["round"])
     else:
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+        write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
 
     task, algo, steps, every = cfg.task, cfg.algorithm, cfg.run.steps, cfg.run.eval_every
     keep = cfg.run.checkpoint_every
@@ -84,9 +84,7 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
             backend = make_backend(task, algo, cfg.decentralized, seed=cfg.run.seed)
             t, wall = 0, 0.0
             if payload is not None:
-                template = backend.states()
-                backend.load_states([checkpoint.from_plain(p, s) for p, s in zip(payload["states"], template)])
-                t, wall = payload["round"], payload["wall"]
+                t, wall = restore_point(backend, payload)
             _sync()
             wall += time.perf_counter() - start
             snapshot = (t, backend.states())
@@ -121,7 +119,7 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
                     bar.update()
                     if keep and t % keep == 0:
                         states = backend.states()
-                        checkpoint.save(out / "checkpoint.pt", {"round": t, "wall": wall, "states": states})
+                        save_point(out / "checkpoint.pt", t, wall, states)
                         snapshot = (t, states)
                 except AgentFailure:
                     # replay from the last checkpoint (wall time keeps counting the lost work)
@@ -137,9 +135,21 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
         if backend is not None:
             backend.close()
         if rows:
-            _write_atomic(out / "metrics.json", json.dumps([_json_safe(r) for r in rows], indent=1) + "\n")
+            write_text(out / "metrics.json", json.dumps([_json_safe(r) for r in rows], indent=1) + "\n")
             plot_curves(rows, out / "curves.png", title, metrics=[k for k in rows[0] if k not in (*COUNTERS, "round_latency")])
     return rows
+
+
+def save_point(path: Path, t: int, wall: float, states: list[Any]) -> None:
+    """Save every agent's state after round ``t`` (atomically)."""
+    checkpoint.save(path, {"round": t, "wall": wall, "states": states})
+
+
+def restore_point(backend: Any, payload: dict[str, Any]) -> tuple[int, float]:
+    """Load a :func:`save_point` payload into ``backend``; returns its round and wall time."""
+    template = backend.states()
+    backend.load_states([checkpoint.from_plain(p, s) for p, s in zip(payload["states"], template)])
+    return payload["round"], payload["wall"]
 
 
 def _restore(backend: Any, states: list[Any]) -> None:
@@ -188,8 +198,10 @@ def _read_rows(path: Path, upto: int) -> list[dict[str, Any]]:
     return [r for r in rows if r["step"] <= upto]
 
 
-def metrics_row(step: int, wall: float, backend: Any, task: Any) -> dict[str, Any]:
-    states = backend.states()
+def metrics_row(step: int, wall: float, backend: Any, task: Any, states: list[Any] | None = None
+                ) -> dict[str, Any]:
+    """The row logged at ``step`` (``states``: the backend's, when the caller already fetched them)."""
+    states = backend.states() if states is None else states
     calls = [sum(getattr(s.calls, k) for s in states) for k in COUNTERS[3:]]
     row: dict[str, Any] = {"step": step, "wall_time": wall, "oracle_calls": int(sum(calls)),
                            **dict(zip(COUNTERS[3:], map(int, calls)))}
@@ -218,7 +230,3 @@ def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import ast
 import copy
 import csv
+import io
 import math
 import os
 import re
@@ -37,9 +38,11 @@ from typing import Any, ClassVar, Mapping
 import yaml
 
 from bilevel_ray.config import SECTIONS, ConfigError, from_dict
+from bilevel_ray.files import write_text
 from bilevel_ray.params import Params, hp
 
-__all__ = ["TuneSettings", "parse_space", "make_tuner", "trial_resources", "summarize", "SPACES"]
+__all__ = ["TuneSettings", "Sweep", "parse_space", "validate", "make_tuner", "trial_resources", "summarize",
+           "format_table", "SPACES"]
 
 #: search-space forms of ``tune.param_space`` and the Tune domain each maps to
 SPACES = {"uniform": 2, "loguniform": 2, "quniform": 3, "qloguniform": 3, "randint": 2, "lograndint": 2,
@@ -99,6 +102,17 @@ class Space:
         return self.args[0]
 
 
+@dataclass(frozen=True)
+class Sweep:
+    """A validated sweep: settings, parsed search space, the run sections trials start from, and one
+    trial's :class:`~bilevel_ray.config.RunConfig` (the spaces' first values)."""
+
+    settings: TuneSettings
+    spaces: list[Space]
+    base: dict[str, Any]
+    cfg: Any
+
+
 def parse_space(raw: Any) -> list[Space]:
     """Parse ``tune.param_space`` (a mapping ``section.field → value or "form(args)"``)."""
     if not isinstance(raw, Mapping) or not raw:
@@ -141,8 +155,8 @@ def parse_space(raw: Any) -> list[Space]:
 
 
 def apply_params(base: Mapping[str, Mapping[str, Any]], params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """``base`` sections with ``section.field`` values set (the ``tune`` section dropped)."""
-    out = {name: dict(body or {}) for name, body in base.items() if name != "tune"}
+    """``base`` sections with ``section.field`` values set."""
+    out = {name: dict(body or {}) for name, body in base.items()}
     for key, value in params.items():
         section, _, field = key.partition(".")
         out.setdefault(section, {})[field] = value
@@ -160,17 +174,16 @@ def trial_resources(decentralized: Any) -> Any:
     return PlacementGroupFactory(bundles, strategy=strategy)
 
 
-def _trial(config: dict[str, Any], base: dict[str, Any]) -> None:
+def _trial(config: dict[str, Any], base: dict[str, Any], metric: str, mode: str) -> None:
     """The Tune trainable: one run of ``base`` with this trial's values, reported row by row."""
     import ray
     from ray import tune
 
     from bilevel_ray import checkpoint
     from bilevel_ray.decentralized.backends import make_backend
-    from bilevel_ray.runner import metrics_row
+    from bilevel_ray.runner import metrics_row, restore_point, save_point
 
     cfg = from_dict(apply_params(base, config))
-    metric, mode = base["tune"]["metric"], base["tune"]["mode"]
     pg = ray.util.get_current_placement_group()
     backend = make_backend(cfg.task, cfg.algorithm, cfg.decentralized, seed=cfg.run.seed,
                            placement_group=pg, first_bundle=1)
@@ -179,17 +192,16 @@ def _trial(config: dict[str, Any], base: dict[str, Any]) -> None:
         saved = tune.get_checkpoint()
         if saved is not None:
             with saved.as_directory() as folder:
-                payload = checkpoint.load(Path(folder) / "checkpoint.pt")
-            template = backend.states()
-            backend.load_states([checkpoint.from_plain(p, s) for p, s in zip(payload["states"], template)])
-            t, wall, restored = payload["round"], payload["wall"], payload["round"]
+                t, wall = restore_point(backend, checkpoint.load(Path(folder) / "checkpoint.pt"))
+            restored = t
         agents_pg = getattr(backend, "pg", None)
         extra = {"restored_step": restored, "trial_bundles": len(pg.bundle_specs) if pg else 0,
                  "agents_in_trial_group": int(agents_pg is not None and pg is not None and agents_pg.id == pg.id)}
         steps, every, keep = cfg.run.steps, cfg.run.eval_every, cfg.run.checkpoint_every
         while True:
             if t != restored and (t % every == 0 or t == steps):
-                row = {**metrics_row(t, wall, backend, cfg.task), **extra}
+                states = backend.states()
+                row = {**metrics_row(t, wall, backend, cfg.task, states), **extra}
                 diverged = not math.isfinite(row.get(metric, math.nan))
                 if diverged:  # the worst value, so that schedulers and the final table rank it last
                     row[metric] = math.inf if mode == "min" else -math.inf
@@ -197,8 +209,7 @@ def _trial(config: dict[str, Any], base: dict[str, Any]) -> None:
                     tune.report(row)
                 else:
                     with tempfile.TemporaryDirectory() as folder:
-                        checkpoint.save(Path(folder) / "checkpoint.pt",
-                                        {"round": t, "wall": wall, "states": backend.states()})
+                        save_point(Path(folder) / "checkpoint.pt", t, wall, states)
                         tune.report(row, checkpoint=tune.Checkpoint.from_directory(folder))
                 if diverged:
                     return
@@ -212,16 +223,18 @@ def _trial(config: dict[str, Any], base: dict[str, Any]) -> None:
         backend.close()
 
 
-def make_tuner(raw: Mapping[str, Any], *, path: Path, resume: bool = False, num_samples: int | None = None,
-               verbose: int = 1) -> Any:
-    """A ``tune.Tuner`` for the parsed config ``raw`` (sections plus ``tune``), or one restored from ``path``."""
+def make_tuner(sweep: Sweep, *, path: Path, resume: bool = False, verbose: int = 1) -> Any:
+    """A ``tune.Tuner`` for ``sweep`` writing to ``path``, or the one restored from ``path``."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+    from ray.tune.search import BasicVariantGenerator
 
-    settings, spaces, base, cfg = validate(raw, num_samples=num_samples)
+    settings, spaces, cfg = sweep.settings, sweep.spaces, sweep.cfg
     # checkpoints at every report are the point (PBT, retries); Tune's warning about them is noise
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    trainable = tune.with_resources(tune.with_parameters(_trial, base=base), trial_resources(cfg.decentralized))
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=sweep.base, metric=settings.metric, mode=settings.mode),
+        trial_resources(cfg.decentralized))
     if resume:
         if not tune.Tuner.can_restore(str(path)):
             raise ConfigError(f"tune: nothing to resume in {path} (run the sweep without --resume first)")
@@ -239,20 +252,15 @@ def make_tuner(raw: Mapping[str, Any], *, path: Path, resume: bool = False, num_
             raise ConfigError("tune.scheduler: pbt needs at least one sampled (not grid or constant) entry")
         scheduler = PopulationBasedTraining(time_attr="training_iteration", hyperparam_mutations=mutations,
                                             perturbation_interval=settings.perturbation_interval)
-    from ray.tune.search import BasicVariantGenerator
-
-    # seeded: a sweep is reproducible (TuneConfig's concurrency limit does not reach a generator given here)
-    search_alg = BasicVariantGenerator(random_state=settings.seed,
-                                       max_concurrent=settings.max_concurrent_trials)
     if settings.search == "optuna":
         try:
+            import optuna
             from ray.tune.search.optuna import OptunaSearch
-            import optuna  # noqa: F401
         except ImportError:
             raise ConfigError("tune.search: optuna is not installed (pip install 'bilevel-ray[optuna]')") from None
-        import optuna
-
         search_alg = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=settings.seed))
+    else:  # seeded: a sweep is reproducible (TuneConfig's concurrency limit does not reach a generator given here)
+        search_alg = BasicVariantGenerator(random_state=settings.seed, max_concurrent=settings.max_concurrent_trials)
     return tune.Tuner(
         trainable, param_space=domains,
         tune_config=tune.TuneConfig(metric=settings.metric, mode=settings.mode, scheduler=scheduler,
@@ -265,10 +273,9 @@ def make_tuner(raw: Mapping[str, Any], *, path: Path, resume: bool = False, num_
                                       num_to_keep=4 if settings.scheduler == "pbt" else 2)))
 
 
-def validate(raw: Any, *, num_samples: int | None = None) -> tuple[TuneSettings, list[Space], dict[str, Any], Any]:
-    """Check the ``tune`` section and that every trial's config builds; returns settings, spaces, the
-    base sections (with the resolved ``tune`` section, which trials read metric and mode from) and
-    one trial's :class:`~bilevel_ray.config.RunConfig`."""
+def validate(raw: Any, *, num_samples: int | None = None) -> Sweep:
+    """Check the ``tune`` section and that every trial's config builds (each grid or choice value),
+    and that the metric is a column of the run, before any trial starts."""
     if not isinstance(raw, Mapping) or not isinstance(raw.get("tune"), Mapping):
         raise ConfigError("tune: the config needs a tune section with param_space (see README, Tuning)")
     body = dict(raw["tune"])
@@ -288,16 +295,16 @@ def validate(raw: Any, *, num_samples: int | None = None) -> tuple[TuneSettings,
     if settings.search == "optuna" and any(s.form == "grid" for s in spaces):
         raise ConfigError("tune.search: optuna cannot take grid([...]) entries; use choice([...])")
     base = {name: copy.deepcopy(dict(body or {})) for name, body in raw.items() if name != "tune"}
-    base["tune"] = {"metric": settings.metric, "mode": settings.mode}
-    for s in spaces:  # every distinct value a grid or choice can take must build
-        for value in (s.args[0] if s.form in ("grid", "choice") else [s.example()]):
-            from_dict(apply_params(base, {**{o.key: o.example() for o in spaces}, s.key: value}))
-    cfg = from_dict(apply_params(base, {s.key: s.example() for s in spaces}))
+    first = {s.key: s.example() for s in spaces}
+    for s in spaces:  # every other value a grid or choice can take must build too
+        for value in (s.args[0][1:] if s.form in ("grid", "choice") else []):
+            from_dict(apply_params(base, {**first, s.key: value}))
+    cfg = from_dict(apply_params(base, first))
     columns = _columns(cfg)
     if settings.metric not in columns:
         raise ConfigError(f"tune.metric: {settings.metric!r} is not a column of this run; "
                           f"allowed: {', '.join(columns)}")
-    return settings, spaces, base, cfg
+    return Sweep(settings, spaces, base, cfg)
 
 
 def _columns(cfg: Any) -> list[str]:
@@ -310,10 +317,10 @@ def _columns(cfg: Any) -> list[str]:
     return names
 
 
-def summarize(results: Any, raw: Mapping[str, Any], path: Path) -> list[dict[str, Any]]:
+def summarize(results: Any, sweep: Sweep, path: Path) -> list[dict[str, Any]]:
     """Write ``best_config.yaml``, ``trials.csv``, ``curves.png`` and ``params.png`` into ``path`` and
     return the trials sorted best first (one dict each: trial, status, params, final metric, step)."""
-    settings, spaces, base, _ = validate(raw)
+    settings, spaces, base = sweep.settings, sweep.spaces, sweep.base
     sign = 1 if settings.mode == "min" else -1
     trials = []
     for result in results:
@@ -332,13 +339,13 @@ def summarize(results: Any, raw: Mapping[str, Any], path: Path) -> list[dict[str
     params = {s.key: best[s.key] for s in spaces}
     best_cfg = from_dict(apply_params(base, params)).to_dict()
     best_cfg["run"]["out_dir"] = str(path / "best")
-    _write(path / "best_config.yaml", yaml.safe_dump(best_cfg, sort_keys=False))
-    columns = ["trial", "status", *(s.key for s in spaces), settings.metric, "step"]
-    with open(path / ".trials.csv.tmp", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(trials)
-    os.replace(path / ".trials.csv.tmp", path / "trials.csv")
+    write_text(path / "best_config.yaml", yaml.safe_dump(best_cfg, sort_keys=False))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=["trial", "status", *(s.key for s in spaces), settings.metric, "step"],
+                            extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(trials)
+    write_text(path / "trials.csv", table.getvalue())
     _plots(trials, spaces, settings, path)
     return trials
 
@@ -361,6 +368,8 @@ def _fmt(value: Any) -> str:
 def _plots(trials: list[dict[str, Any]], spaces: list[Space], settings: TuneSettings, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    from bilevel_ray.plotting import save_figure
 
     metric = settings.metric
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
@@ -388,7 +397,7 @@ def _plots(trials: list[dict[str, Any]], spaces: list[Space], settings: TuneSett
     ax.grid(alpha=0.3)
     if len(trials) <= 12:
         ax.legend(fontsize=7)
-    _save(fig, path / "curves.png")
+    save_figure(fig, path / "curves.png")
 
     varied = [s for s in spaces if s.form != "constant"]
     fig = Figure(figsize=(4.2 * max(len(varied), 1), 3.4), layout="constrained")
@@ -409,16 +418,6 @@ def _plots(trials: list[dict[str, Any]], spaces: list[Space], settings: TuneSett
         ax.set_xlabel(s.key)
         ax.set_ylabel(f"final {metric}")
         ax.grid(alpha=0.3)
-    _save(fig, path / "params.png")
+    save_figure(fig, path / "params.png")
 
 
-def _save(fig: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -48,18 +48,14 @@ def _saga(table: SAGATable, k: int | tuple[int, ...], new: PyTree) -> tuple[PyTr
     """SAGA direction for slot ``k`` (one per agent when stacked) and the updated table (memory
     written in place)."""
     if table.counts is None:
-        n = tree.tree_map(lambda m: m.shape[0], table.memory)
-        delta = tree.tree_map(lambda p, m: p - m[k], new, table.memory)
-        direction = tree.add(delta, table.mean)
-        mean = tree.tree_map(lambda mu, d, size: mu + d / size, table.mean, delta, n)
-        tree.tree_map(lambda m, p: m[k].copy_(p), table.memory, new)
-        return direction, SAGATable(table.memory, mean)
-    at = (torch.tensor(k), torch.arange(len(k)))
+        at, size = k, lambda m: m.shape[0]
+    else:
+        at = (torch.tensor(k), torch.arange(len(k)))
+        size = lambda m: table.counts.reshape(-1, *[1] * (m.ndim - 2)).to(m.dtype)  # noqa: E731
     delta = tree.tree_map(lambda p, m: p - m[at], new, table.memory)
     direction = tree.add(delta, table.mean)
-    mean = tree.tree_map(lambda mu, d: mu + d / table.counts.reshape(-1, *[1] * (d.ndim - 1)).to(d.dtype),
-                         table.mean, delta)
-    tree.tree_map(lambda m, p: m.index_put_(at, p), table.memory, new)
+    mean = tree.tree_map(lambda mu, d, m: mu + d / size(m), table.mean, delta, table.memory)
+    tree.tree_map(lambda m, p: m.__setitem__(at, p), table.memory, new)
     return direction, SAGATable(table.memory, mean, table.counts)
 
 

@@ -29,12 +29,13 @@ from bilevel_ray.tree import PyTree
 
 __all__ = ["RayBackend", "AgentWorker"]
 
+
 class AgentWorker:
     """The body of one agent actor (a thin shell: the algorithm step does the work)."""
 
     def __init__(self, algo: Any, problem: AgentProblem, rank: int, n: int,
-                 mixing_at: Callable[[int], np.ndarray], seed: int, torch_threads: int = 1,
-                 name: str = "bilevel-ray", transport: str = "auto"):
+                 mixing_at: Callable[[int], np.ndarray], seed: int, *, name: str, transport: str = "auto",
+                 torch_threads: int = 1):
         torch.set_num_threads(torch_threads)
         self.algo, self.problem, self.rank, self.n = algo, problem, rank, n
         self.mixing_at = mixing_at
@@ -43,9 +44,9 @@ class AgentWorker:
         self.transport = Transport(name, rank, transport)
         self.gossip_round = 0
 
-    def set_peers(self, peers: dict[int, Any], nodes: dict[int, str] | None = None) -> None:
+    def set_peers(self, peers: dict[int, Any], nodes: dict[int, str]) -> None:
         """Neighbour handles and the node each runs on (same-node peers gossip through shared memory)."""
-        self.transport.connect(peers, nodes or {})
+        self.transport.connect(peers, nodes)
 
     def deliver(self, epoch: int, gossip_round: int, src: int, payload: np.ndarray) -> None:
         self.transport.deliver(epoch, gossip_round, src, payload)

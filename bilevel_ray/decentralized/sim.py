@@ -22,9 +22,6 @@ from bilevel_ray.tree import PyTree
 
 __all__ = ["MatrixMix", "SimBackend", "refusal"]
 
-#: algorithms that need per-agent reductions or tables (run them with backend: ray)
-
-
 def refusal(algo: Any) -> str | None:
     """Why ``algo`` cannot run on several simulated agents (a one-line error), or None."""
     if getattr(algo, "solver", None) == "lanczos":

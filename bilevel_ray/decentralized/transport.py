@@ -26,7 +26,6 @@ import glob
 import os
 import struct
 import tempfile
-import threading
 import warnings
 from typing import Any
 
@@ -60,7 +59,7 @@ class _Slots:
             finally:
                 os.close(fd)
         self.array = np.memmap(path, dtype=dtype, mode="r+" if create else "r", shape=(2, numel))
-        self.readers: list[tuple[int, int, list[int]]] = [(0, -1, []), (0, -1, [])]  # (epoch, round, ranks)
+        self.readers: list[tuple[int, list[int]]] = [(-1, []), (-1, [])]  # per slot: (round, readers)
 
 
 class Transport:
@@ -74,10 +73,9 @@ class Transport:
         self.dir = shm_dir()
         for stale in glob.glob(self._path(rank, "*")):  # left by a previous incarnation of this agent
             os.unlink(stale)
-        self.inbox_path = self._path(rank, "inbox")
-        os.mkfifo(self.inbox_path, 0o600)
-        self.inbox = os.open(self.inbox_path, os.O_RDWR)  # a reader always exists: writes never EOF/EPIPE
-        self.lock = threading.Lock()  # writers of the inbox from Ray's threads (deliver, abort)
+        inbox = self._path(rank, "inbox")
+        os.mkfifo(inbox, 0o600)
+        self.inbox = os.open(inbox, os.O_RDWR)  # a reader always exists: writes never EOF/EPIPE
         self.epoch = 0
         self.peers: dict[int, Any] = {}
         self.local: set[int] = set()  # peers reached through shared memory
@@ -110,20 +108,22 @@ class Transport:
         self.acks.clear()
         self.remote.clear()
         for slots in self.own.values():
-            slots.readers = [(0, -1, []), (0, -1, [])]
+            if slots is not None:
+                slots.readers = [(-1, []), (-1, [])]
 
     # ---- called from Ray's threads while a round may be waiting ----
 
     def deliver(self, epoch: int, gossip_round: int, src: int, payload: np.ndarray) -> None:
-        self.remote[(epoch, gossip_round, src)] = payload
-        self._post(self.inbox, _REMOTE, epoch, gossip_round, src, 0, 0)
+        if epoch == self.epoch:  # a message of an aborted round is dropped
+            self.remote[(epoch, gossip_round, src)] = payload
+            self._post(self.inbox, _REMOTE, epoch, gossip_round, src, 0, 0)
 
     def abort(self) -> None:
         self._post(self.inbox, _ABORT, self.epoch, -1, self.rank, 0, 0)
 
-    def _post(self, fd: int, *record: int) -> None:
-        with self.lock:
-            os.write(fd, _RECORD.pack(*record))
+    @staticmethod
+    def _post(fd: int, *record: int) -> None:
+        os.write(fd, _RECORD.pack(*record))  # atomic (≤ PIPE_BUF): concurrent writers never interleave
 
     # ---- one gossip round ----
 
@@ -144,11 +144,11 @@ class Transport:
                 self.peers[j].deliver.remote(e, r, self.rank, payload)
         if near:
             slot = r % 2
-            self._pump(lambda: self._acked(slots.readers[slot]))
-            _, old, readers = slots.readers[slot]
+            old, readers = slots.readers[slot]  # wait until the last readers of this slot are done
+            self._pump(lambda: all((old, j) in self.acks for j in readers))
             self.acks.difference_update((old, j) for j in readers)
             np.copyto(slots.array[slot], buf)
-            slots.readers[slot] = (e, r, near)
+            slots.readers[slot] = (r, near)
             for j in near:
                 self._post(self._out(j), _DATA, e, r, self.rank, slot, buf.size)
         self.bytes_sent += buf.nbytes * len(neighbors)
@@ -174,10 +174,6 @@ class Transport:
         for j in neighbors:
             if j in self.local:
                 self._post(self._out(j), _ACK, self.epoch, gossip_round, self.rank, 0, 0)
-
-    def _acked(self, readers: tuple[int, int, list[int]]) -> bool:
-        epoch, r, ranks = readers
-        return epoch != self.epoch or all((r, j) in self.acks for j in ranks)
 
     def _pump(self, done: Any) -> None:
         """Read inbox records until ``done()`` (raises if the round was aborted)."""
