@@ -33,6 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "list":
             return _list()
+        if args.command == "eval":
+            return _eval(args)
         address = [f"decentralized.address={args.address}"] if args.address else []
         if args.command == "tune":
             return _tune(args.config, args.num_samples, args.resume, args.out, address)
@@ -45,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Stochastic bilevel optimization runs.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,tune,list}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,tune,eval,list}")
     run = sub.add_parser("run", help="run one configuration", description=(
         "Run CONFIG.yaml (sections task, algorithm, run); overrides look like algorithm.outer_lr=0.1."))
     run.add_argument("config", help="YAML config file")
@@ -64,6 +66,19 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--out", metavar="DIR", help="experiment folder (default: tune.storage/tune.name, "
                                                    "i.e. runs/tune/<config stem>)")
     tune.add_argument("--address", metavar="ADDR", help="Ray cluster to sweep on (decentralized.address)")
+    ev = sub.add_parser("eval", help="few-shot accuracy of a saved learner", description=(
+        "Adapt a saved few-shot learner (a run's learner.pt) to TASKS random N-way K-shot Omniglot tasks "
+        "and report the mean query accuracy with its 95%% interval."))
+    ev.add_argument("checkpoint", help="learner checkpoint (learner.pt)")
+    ev.add_argument("--split", default="images_background_small2", help="Omniglot split to test on")
+    ev.add_argument("--root", help="folder holding the Omniglot zips (default: search, see README)")
+    ev.add_argument("--all-alphabets", action="store_true",
+                    help="keep the alphabets the learner was trained on (default: unseen alphabets only)")
+    ev.add_argument("--ways", type=int, default=5)
+    ev.add_argument("--shots", type=int, default=1)
+    ev.add_argument("--queries", type=int, default=15, help="query images per class")
+    ev.add_argument("--tasks", type=int, default=600)
+    ev.add_argument("--seed", type=int, default=0)
     sub.add_parser("list", help="list algorithms and tasks with their parameters")
     return parser
 
@@ -71,6 +86,27 @@ def _parser() -> argparse.ArgumentParser:
 def _error(message: str, code: int) -> int:
     print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
     return code
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from bilevel_ray.meta import evaluate, load
+    from bilevel_ray.tasks.vision.episodes import ClassPool, EpisodeSampler
+    from bilevel_ray.tasks.vision.omniglot import load_omniglot
+
+    try:
+        learner = load(args.checkpoint)
+        data = load_omniglot(args.split, root=args.root, size=learner.size)
+        trained_on = learner.hyper.get("train_split")
+        if trained_on and not args.all_alphabets:
+            data = data.select(exclude=load_omniglot(trained_on, root=args.root, size=learner.size).alphabets)
+        sampler = EpisodeSampler(ClassPool(data.images, data.labels), args.ways, args.shots, args.queries)
+        mean, half, _ = evaluate(learner, sampler, tasks=args.tasks, seed=args.seed)
+    except (ValueError, FileNotFoundError) as e:
+        return _error(str(e).replace("task.", "--"), 2)
+    which = "all alphabets" if args.all_alphabets or not trained_on else f"alphabets not in {trained_on}"
+    print(f"{learner.kind}: {args.ways}-way {args.shots}-shot accuracy on {args.split} ({which}, "
+          f"{len(data.classes)} characters), {args.tasks} tasks: {mean:.4f} ± {half:.4f} (95% interval)")
+    return 0
 
 
 def _run(config: str, overrides: list[str], out: str | None, progress: bool | None, resume: bool) -> int:
@@ -87,6 +123,8 @@ def _run(config: str, overrides: list[str], out: str | None, progress: bool | No
         return _error(str(e), 2)
     except FloatingPointError as e:
         return _error(str(e), 1)
+    except FileNotFoundError as e:
+        return _error(str(e), 2)
     except OSError as e:
         return _error(f"cannot write output: {e}", 1)
     except KeyboardInterrupt:

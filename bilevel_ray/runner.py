@@ -50,7 +50,8 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
     ``k`` rounds. An agent that dies mid-run is restarted by Ray and the whole network restarts from
     the last checkpoint (rounds are replayed exactly: every minibatch is a function of
     ``(seed, rank, step)``, so no row is lost or written twice). ``resume=True`` continues a killed run
-    from its folder's checkpoint.
+    from its folder's checkpoint. A task with ``learner(x, y)`` (the few-shot tasks) gets its final model
+    (agents averaged) saved as ``learner.pt``, for ``bilevel-ray eval`` and :func:`bilevel_ray.meta.load`.
     """
     from tqdm.auto import tqdm
 
@@ -130,6 +131,11 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
                     _restore(backend, snapshot[1])
                     bar.reset(total=steps)
                     bar.update(t)
+            if hasattr(task, "learner"):  # tasks with a deployable model (few-shot learners) export it
+                states = backend.states()
+                xy = (states[0].x, states[0].y) if len(states) == 1 else (average([s.x for s in states]),
+                                                                          average([s.y for s in states]))
+                task.learner(*xy).save(out / "learner.pt")
     finally:
         bar.close()
         if backend is not None:

@@ -19,6 +19,7 @@ _BUILTIN = {
     "logreg_hpo": "bilevel_ray.tasks.logreg:LogRegHPOTask",
     "hypercleaning": "bilevel_ray.tasks.hypercleaning:HyperCleaningTask",
     "nonconvex_pl": "bilevel_ray.tasks.pl:NonconvexPLTask",
+    "omniglot": "bilevel_ray.tasks.vision.hyperrep:OmniglotTask",
 }
 
 

@@ -17,13 +17,17 @@ SMALL = {
     "logreg_hpo": dict(dataset="synthetic", n_samples=200, n_features=6, batch_size=32),
     "hypercleaning": dict(batch_size=256),
     "nonconvex_pl": dict(dim=3, noise=0.1, batch_size=16),
+    "omniglot": dict(width=2, ways=4, meta_batch=2, shots=1, queries=1, rotations=1, eval_tasks=4, head_steps=2),
 }
 TASKS = {}
 
 
 def task(name):
     if name not in TASKS:
-        TASKS[name] = make_task(name, **SMALL[name])
+        try:
+            TASKS[name] = make_task(name, **SMALL[name])
+        except FileNotFoundError as e:  # a task reading data that is not on this machine
+            pytest.skip(str(e))
     return TASKS[name]
 
 
@@ -52,11 +56,15 @@ def test_steps_are_finite_pickle_and_reproduce(algo_name, task_name):
     algo = A.make(algo_name, **({"inner_steps": min(2, docs["inner_steps"][0])} if "inner_steps" in docs else {}))
     assert isinstance(algo, A.BilevelAlgorithm)
     x, y = t.init(seed=0)
+    if algo_name == "saba" and t.inner.num_batches is None:  # SAGA tables need a finite dataset
+        with pytest.raises(ValueError, match="saba needs finite datasets"):
+            algo.init(t, x, y, seed=3)
+        return
     s = algo.init(t, x, y, seed=3)
     for _ in range(2):
         s = algo.step(s, t)
     assert s.t == 2 and s.calls.total > 0
-    assert s.x.shape == x.shape and s.y.shape == y.shape
+    assert [u.shape for u in leaves((s.x, s.y))] == [u.shape for u in leaves((x, y))]
     assert all(torch.isfinite(leaf).all() for leaf in leaves(s))
     assert not any(leaf.requires_grad for leaf in leaves(s))
     copy_ = pickle.loads(pickle.dumps(s))
@@ -67,12 +75,12 @@ def test_steps_are_finite_pickle_and_reproduce(algo_name, task_name):
     again = algo.init(t, x, y, seed=3)
     for _ in range(3):
         again = algo.step(again, t)
-    assert torch.equal(again.x, a.x) and torch.equal(again.y, a.y)
+    assert all(torch.equal(u, v) for u, v in zip(leaves((again.x, again.y)), leaves((a.x, a.y))))
 
 
 def bad_values(field):
     meta, kind = field.metadata, str(field.type)
-    out = [] if kind == "str" else ["not-a-number"]
+    out = [] if kind.startswith("str") else ["not-a-number"]
     if meta.get("choices"):
         out.append("no-such-choice")
     if meta.get("low") is not None:

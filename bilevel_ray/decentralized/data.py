@@ -84,12 +84,15 @@ def _shard(sampler: FiniteSampler, n_agents: int, split: str, label_column: int 
 
 def make_agents(task: Any, n_agents: int, *, split: str = "iid", alpha: float = 0.5, seed: int = 0
                 ) -> list[AgentProblem]:
-    """One :class:`AgentProblem` per agent; inner and outer data are split the same way."""
+    """One :class:`AgentProblem` per agent; inner and outer data are split the same way. A task with a
+    ``shard(n_agents, *, split, alpha, seed) -> [(inner, outer), ...]`` method splits itself."""
     if not (isinstance(n_agents, int) and n_agents >= 1):
         raise ValueError(f"decentralized.agents: must be an integer >= 1, got {n_agents!r}")
     col = getattr(task, "label_column", None)
     if n_agents == 1:
         return [AgentProblem(task, task.inner, task.outer)]
+    if hasattr(task, "shard"):  # the task's own split (e.g. disjoint alphabets per agent)
+        return [AgentProblem(task, i, o) for i, o in task.shard(n_agents, split=split, alpha=alpha, seed=seed)]
     inner = _shard(task.inner, n_agents, split, col, alpha, seed)
     outer = _shard(task.outer, n_agents, split, col, alpha, seed + 1)
     return [AgentProblem(task, i, o) for i, o in zip(inner, outer)]

@@ -1,0 +1,150 @@
+"""The few-shot API: a trained meta-learner saved as a checkpoint, adapted to new classes.
+
+>>> learner = load("runs/omniglot/learner.pt")
+>>> predict = learner.adapt(support_images, support_labels)   # N-way K-shot, any N
+>>> predict(query_images).labels
+
+Images are tensors in [0, 1], 28×28 grayscale (or the size the learner was trained on), shaped
+``(n, S, S)`` or ``(n, 1, S, S)``, **ink dark on white** (Omniglot's convention; invert white-on-black
+images first). Support labels are ``0..N-1``, each present at least once. Checkpoints hold tensors,
+strings and numbers only and load with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch.func import vmap
+
+from bilevel_ray.files import atomic_write
+from bilevel_ray.meta.learners import KINDS, task_logits
+
+__all__ = ["FORMAT", "Prediction", "FewShotLearner", "load", "evaluate", "mean_ci95"]
+
+FORMAT = "bilevel-ray-fewshot/1"
+
+
+class Prediction(NamedTuple):
+    labels: torch.Tensor
+    logits: torch.Tensor
+
+
+def _images(x: Any, size: int, dtype: torch.dtype, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"{name}: must be a float tensor in [0, 1], got {type(x).__name__}"
+                         + (f" of {x.dtype}" if isinstance(x, torch.Tensor) else ""))
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4 or x.shape[1] != 1 or x.shape[2:] != (size, size) or x.shape[0] == 0:
+        raise ValueError(f"{name}: must have shape (n, {size}, {size}) or (n, 1, {size}, {size}), "
+                         f"got {tuple(x.shape)}")
+    if x.min() < 0 or x.max() > 1:
+        raise ValueError(f"{name}: values must lie in [0, 1] (ink dark on white), got [{float(x.min()):.3g}, "
+                         f"{float(x.max()):.3g}]")
+    return x.to(dtype)
+
+
+@dataclass(frozen=True)
+class FewShotLearner:
+    """A meta-trained learner: ``kind`` (one of ``KINDS``), its meta-parameters and the adaptation
+    settings it was trained with (``steps``, ``lr``, ``lam``, ``cg_iters``, ``reg``, ``head_steps``,
+    ``size``)."""
+
+    kind: str
+    params: dict[str, torch.Tensor]
+    hyper: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind: must be one of {', '.join(KINDS)}, got {self.kind!r}")
+
+    @property
+    def size(self) -> int:
+        return int(self.hyper.get("size", 28))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.params.values())).dtype
+
+    def adapt(self, support_images: torch.Tensor, support_labels: torch.Tensor) -> "Adapted":
+        """Adapt to one N-way task (N = number of distinct labels, ``0..N-1``)."""
+        sup = _images(support_images, self.size, self.dtype, "support_images")
+        if not isinstance(support_labels, torch.Tensor) or support_labels.dtype not in (torch.int64, torch.int32):
+            raise ValueError("support_labels: must be an integer tensor of labels 0..N-1")
+        labels = support_labels.long().reshape(-1)
+        if labels.shape[0] != sup.shape[0]:
+            raise ValueError(f"support_labels: {labels.shape[0]} labels for {sup.shape[0]} support images")
+        ways = int(labels.max()) + 1
+        if labels.min() < 0 or torch.bincount(labels, minlength=ways).min() == 0:
+            raise ValueError(f"support_labels: must cover 0..N-1, each at least once; got {sorted(set(labels.tolist()))}")
+        return Adapted(self, sup, labels, ways)
+
+    def episode_logits(self, support, support_labels, query, ways: int) -> torch.Tensor:
+        """Query logits of a batch of tasks ``(B, n, 1, S, S)``, adapted in one vmapped call."""
+        fn = lambda s, sl, q: task_logits(self.kind, self.params, self.hyper, s, sl, q, ways)  # noqa: E731
+        return vmap(fn)(support.to(self.dtype), support_labels, query.to(self.dtype)).detach()
+
+    def save(self, path: str | Path) -> None:
+        """Write the checkpoint atomically (a crash leaves any previous file intact)."""
+        payload = {"format": FORMAT, "kind": self.kind, "params": {k: v.detach().cpu() for k, v in self.params.items()},
+                   "hyper": dict(self.hyper)}
+        atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
+
+
+@dataclass(frozen=True)
+class Adapted:
+    """A learner adapted to one task; call it on query images."""
+
+    learner: FewShotLearner
+    support: torch.Tensor
+    support_labels: torch.Tensor
+    ways: int
+
+    def __call__(self, query_images: torch.Tensor) -> Prediction:
+        q = _images(query_images, self.learner.size, self.learner.dtype, "query_images")
+        logits = self.learner.episode_logits(self.support[None], self.support_labels[None], q[None], self.ways)[0]
+        return Prediction(logits.argmax(1), logits)
+
+
+def load(path: str | Path) -> FewShotLearner:
+    """Load a learner saved by :meth:`FewShotLearner.save` (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: {path} does not exist")
+    payload = torch.load(path, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"checkpoint: {path} is not a few-shot learner (format {FORMAT}); a run's "
+                         "learner.pt is, its checkpoint.pt is not")
+    return FewShotLearner(payload["kind"], payload["params"], payload["hyper"])
+
+
+def mean_ci95(values: np.ndarray) -> tuple[float, float]:
+    """Mean and the half-width of its normal 95% interval."""
+    values = np.asarray(values, dtype=np.float64)
+    half = 1.96 * values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return float(values.mean()), float(half)
+
+
+def evaluate(learner: FewShotLearner, sampler: Any, *, tasks: int = 600, seed: int = 0, chunk: int = 50
+             ) -> tuple[float, float, np.ndarray]:
+    """Accuracy over ``tasks`` episodes of ``sampler`` (drawn from ``seed``): mean, 95% half-width and
+    the per-task accuracies."""
+    if not (isinstance(tasks, int) and tasks >= 2):
+        raise ValueError(f"tasks: must be an integer >= 2, got {tasks!r}")
+    rng = np.random.default_rng([seed, 7919])
+    accs = []
+    done = 0
+    while done < tasks:
+        b = min(chunk, tasks - done)
+        ep = sampler.episodes(rng, b)
+        logits = learner.episode_logits(ep.support, ep.support_labels, ep.query, ep.ways)
+        accs.append((logits.argmax(-1) == ep.query_labels).double().mean(1).numpy())
+        done += b
+    accs = np.concatenate(accs)
+    mean, half = mean_ci95(accs)
+    return mean, half, accs

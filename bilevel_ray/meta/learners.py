@@ -1,0 +1,194 @@
+"""Episodic few-shot learners with per-task inner problems batched over the meta-batch (``torch.func.vmap``).
+
+Every function of one task takes ``(support, support_labels, query, query_labels)`` of that task and the
+shared meta-parameters ``theta`` (the backbone of :mod:`bilevel_ray.tasks.vision.backbone`, plus a
+``head.*`` pair when the head is meta-learned); ``vmap`` maps it over the tasks of an episode.
+
+- MAML (Finn, Abbeel, Levine 2017): ``steps`` SGD steps on the support loss from ``theta``, query loss
+  differentiated through the steps (second order). The head starts at ``theta``'s head or at zero
+  (any number of ways; the first step then gives prototype-like rows).
+- First-order MAML: the same, with the adaptation's Jacobian dropped.
+- iMAML (Rajeswaran, Finn, Kakade, Levine 2019), the proximal bilevel form
+  ``y*(x) = argmin_y L_support(y) + λ/2‖y − x‖²``: solved by ``steps`` gradient steps; meta-gradient
+  ``(I + ∇²L_support/λ)⁻¹ ∇L_query(y*)`` by ``cg_iters`` conjugate-gradient steps on HVPs.
+- Prototypical networks (Snell, Swersky, Zemel 2017): class means of embeddings, logits
+  ``−‖f(q) − c_k‖²``.
+- Hyper-representation heads: a linear head fitted on the support embeddings
+  (``argmin CE + reg/2‖W‖²``, from the prototype classifier, ``head_steps`` gradient steps).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.func import grad, grad_and_value, vjp, vmap
+
+from bilevel_ray.tasks.vision.backbone import embed, features
+
+__all__ = ["KINDS", "with_head", "forward", "maml_adapt", "maml_task_loss", "imaml_solve", "imaml_task_grad",
+           "proto_logits", "fit_head", "head_logits", "task_logits", "meta_loss_and_grad", "cg_fixed"]
+
+Params = dict[str, torch.Tensor]
+KINDS = ("maml", "fomaml", "imaml", "protonet", "hyperrep")
+
+
+def _map(fn: Callable, *trees: Params) -> Params:
+    return {k: fn(*(t[k] for t in trees)) for k in trees[0]}
+
+
+def _dot(a: Params, b: Params) -> torch.Tensor:
+    return sum((a[k] * b[k]).sum() for k in a)
+
+
+def with_head(theta: Params, ways: int, dim: int) -> Params:
+    """``theta`` plus a zero ``ways``-way head, unless it carries a head of that many rows."""
+    if "head.weight" in theta and theta["head.weight"].shape[0] == ways:
+        return dict(theta)
+    like = next(iter(theta.values()))
+    return {**{k: v for k, v in theta.items() if not k.startswith("head.")},
+            "head.weight": like.new_zeros(ways, dim), "head.bias": like.new_zeros(ways)}
+
+
+def forward(params: Params, images: torch.Tensor) -> torch.Tensor:
+    """Logits of the backbone followed by the linear head ``params['head.*']``."""
+    return F.linear(embed(params, images), params["head.weight"], params["head.bias"])
+
+
+def _loss(params: Params, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(forward(params, images), labels)
+
+
+def _dim(theta: Params, images: torch.Tensor) -> int:
+    from bilevel_ray.tasks.vision.backbone import feature_dim
+
+    return feature_dim(theta, images.shape[-1])
+
+
+def maml_adapt(theta: Params, support: torch.Tensor, labels: torch.Tensor, ways: int, *, steps: int,
+               lr: float, first_order: bool = False) -> Params:
+    """``steps`` SGD steps on the support loss from ``theta`` (with its head or a zero one)."""
+    params = with_head(theta, ways, _dim(theta, support))
+    for _ in range(steps):
+        g = grad(_loss)(params, support, labels)
+        if first_order:
+            g = _map(torch.Tensor.detach, g)
+        params = _map(lambda p, d: p - lr * d, params, g)
+    return params
+
+
+def maml_task_loss(theta: Params, support, support_labels, query, query_labels, *, ways: int, steps: int,
+                   lr: float, first_order: bool = False) -> torch.Tensor:
+    """Query loss after adaptation: differentiating it in ``theta`` gives the MAML meta-gradient."""
+    return _loss(maml_adapt(theta, support, support_labels, ways, steps=steps, lr=lr, first_order=first_order),
+                 query, query_labels)
+
+
+def imaml_solve(theta: Params, support, labels, ways: int, *, lam: float, steps: int, lr: float) -> Params:
+    """Approximate ``argmin_y L_support(y) + λ/2‖y − θ‖²`` by gradient steps from ``θ`` (head from 0)."""
+    anchor = _map(torch.Tensor.detach, with_head(theta, ways, _dim(theta, support)))
+    y = anchor
+    for _ in range(steps):
+        g = grad(_loss)(y, support, labels)
+        y = _map(lambda p, d, a: p - lr * (d + lam * (p - a)), y, g, anchor)
+    return _map(torch.Tensor.detach, y)
+
+
+def cg_fixed(apply: Callable[[Params], Params], b: Params, iters: int) -> Params:
+    """``iters`` conjugate-gradient steps for ``A u = b`` (no data-dependent stopping, so it vmaps)."""
+    u = _map(torch.zeros_like, b)
+    r, p = b, b
+    rs = _dot(r, r)
+    tiny = torch.finfo(rs.dtype).tiny
+    for _ in range(iters):
+        ap = apply(p)
+        alpha = rs / (_dot(p, ap) + tiny)
+        u = _map(lambda a, d: a + alpha * d, u, p)
+        r = _map(lambda a, d: a - alpha * d, r, ap)
+        rs_new = _dot(r, r)
+        p = _map(lambda a, d: a + (rs_new / (rs + tiny)) * d, r, p)
+        rs = rs_new
+    return u
+
+
+def imaml_task_grad(theta: Params, support, support_labels, query, query_labels, *, ways: int, lam: float,
+                    steps: int, lr: float, cg_iters: int) -> tuple[torch.Tensor, Params]:
+    """``(query loss, meta-gradient)`` of one task: ``P^T (I + H/λ)⁻¹ ∇L_query(y*)``, where ``H`` is the
+    support loss's Hessian at ``y*`` and ``P`` keeps ``θ``'s entries (the head's anchor is fixed at 0)."""
+    y = imaml_solve(theta, support, support_labels, ways, lam=lam, steps=steps, lr=lr)
+    gq, lq = grad_and_value(_loss)(y, query, query_labels)
+    _, pull = vjp(lambda p: grad(_loss)(p, support, support_labels), y)
+    u = cg_fixed(lambda v: _map(lambda a, h: a + h / lam, v, pull(v)[0]), gq, cg_iters)
+    return lq, {k: u[k] for k in theta}
+
+
+def proto_logits(theta: Params, support, support_labels, query, *, ways: int) -> torch.Tensor:
+    """``−‖f(q) − c_k‖²`` with ``c_k`` the mean embedding of class ``k``'s support images."""
+    fs, fq = embed(theta, support), embed(theta, query)
+    onehot = F.one_hot(support_labels, ways).to(fs.dtype)
+    protos = onehot.T @ fs / onehot.sum(0)[:, None]
+    return -((fq[:, None, :] - protos[None]) ** 2).sum(-1)
+
+
+def fit_head(feats: torch.Tensor, labels: torch.Tensor, *, ways: int, reg: float, steps: int) -> torch.Tensor:
+    """``argmin_W mean CE([f, 1] W^T) + reg/2‖W‖²`` for one task, ``W`` of shape ``(ways, d+1)``: gradient
+    steps of size ``1/L`` (``L`` bounds the Hessian) from the prototype classifier ``[2c_k, −‖c_k‖²]``."""
+    onehot = F.one_hot(labels, ways).to(feats.dtype)
+    protos = onehot.T @ feats / onehot.sum(0)[:, None]
+    w = torch.cat([2 * protos, -(protos ** 2).sum(1, keepdim=True)], 1)
+    scale = (protos ** 2).sum(1).mean().clamp_min(1e-12) ** 0.5
+    w = w / scale  # prototype logits at unit scale: the CE steps start from moderate confidences
+    fa = torch.cat([feats, feats.new_ones(feats.shape[0], 1)], 1)
+    step = 1.0 / (0.5 * (fa ** 2).sum(1).mean() + reg)
+    for _ in range(steps):
+        p = torch.softmax(fa @ w.T, 1)
+        w = w - step * ((p - onehot).T @ fa / fa.shape[0] + reg * w)
+    return w
+
+
+def head_logits(w: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    return feats @ w[:, :-1].T + w[:, -1]
+
+
+def task_logits(kind: str, theta: Params, hyper: dict[str, Any], support, support_labels, query, ways: int
+                ) -> torch.Tensor:
+    """Query logits of one task after the learner of ``kind`` adapted to its support set."""
+    if kind in ("maml", "fomaml"):
+        params = maml_adapt(theta, support, support_labels, ways, steps=hyper["steps"], lr=hyper["lr"],
+                            first_order=True)
+        return forward(params, query)
+    if kind == "imaml":
+        y = imaml_solve(theta, support, support_labels, ways, lam=hyper["lam"], steps=hyper["steps"], lr=hyper["lr"])
+        return forward(y, query)
+    if kind == "protonet":
+        return proto_logits(theta, support, support_labels, query, ways=ways)
+    if kind == "hyperrep":
+        tau = hyper["temperature"]
+        w = fit_head(features(theta, support, tau), support_labels, ways=ways, reg=hyper["reg"], steps=hyper["head_steps"])
+        return head_logits(w, features(theta, query, tau))
+    raise ValueError(f"kind: must be one of {', '.join(KINDS)}, got {kind!r}")
+
+
+def meta_loss_and_grad(kind: str, theta: Params, hyper: dict[str, Any], episode: Any) -> tuple[torch.Tensor, Params]:
+    """Mean query loss over the episode's tasks and its meta-gradient in ``theta`` (all tasks in one
+    vmapped call)."""
+    ways = episode.classes.shape[1]
+    args = (episode.support, episode.support_labels, episode.query, episode.query_labels)
+    if kind == "imaml":
+        per = vmap(lambda s, sl, q, ql: imaml_task_grad(theta, s, sl, q, ql, ways=ways, lam=hyper["lam"],
+                                                        steps=hyper["steps"], lr=hyper["lr"],
+                                                        cg_iters=hyper["cg_iters"]))
+        losses, grads = per(*args)
+        return losses.mean(), _map(lambda g: g.mean(0), grads)
+    if kind in ("maml", "fomaml"):
+        def total(th: Params) -> torch.Tensor:
+            return vmap(lambda s, sl, q, ql: maml_task_loss(th, s, sl, q, ql, ways=ways, steps=hyper["steps"],
+                                                            lr=hyper["lr"], first_order=kind == "fomaml"))(*args).mean()
+    elif kind == "protonet":
+        def total(th: Params) -> torch.Tensor:
+            return vmap(lambda s, sl, q, ql: F.cross_entropy(proto_logits(th, s, sl, q, ways=ways), ql))(*args).mean()
+    else:
+        raise ValueError(f"kind: episodic training supports maml, fomaml, imaml, protonet; got {kind!r}")
+    g, loss = grad_and_value(total)(theta)
+    return loss, g

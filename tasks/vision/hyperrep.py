@@ -1,0 +1,174 @@
+"""Few-shot Omniglot as a hyper-representation bilevel problem (Franceschi et al. 2018; Bertinetto et
+al. 2019), solvable by every core algorithm and on every backend.
+
+Upper variable ``x``: the conv backbone (:mod:`~bilevel_ray.tasks.vision.backbone`). Lower variable
+``y``: a table of linear class heads, one row ``[w_c, b_c]`` per training class (rotated copies are
+classes of their own). A task is an N-way episode; its linear head is the N rows of its classes, so
+class identity persists across tasks and ``y`` is a genuine shared lower-level variable:
+
+``g(x, y) = E_task CE(head_task(y); support drawings) + reg/2 ‖y‖²`` (strongly convex in ``y``),
+``f(x, y) = E_task CE(head_task(y); query drawings)``,
+
+with support and query drawn from disjoint drawings of each character (the first
+``support_drawings`` and the rest). New classes are handled by fitting a fresh head on the support
+embeddings (:func:`~bilevel_ray.meta.learners.fit_head`); ``metrics`` reports that few-shot accuracy
+on the test split's unseen alphabets. Decentralized agents each take their own alphabets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bilevel_ray.params import hp
+from bilevel_ray.tasks import Task, register_task
+from bilevel_ray.tasks._data import DTYPES
+from bilevel_ray.tasks.vision.backbone import feature_dim, features, init_backbone
+from bilevel_ray.tasks.vision.episodes import ClassPool, EpisodeSampler
+from bilevel_ray.tasks.vision.omniglot import SPLITS, load_omniglot
+
+__all__ = ["OmniglotTask"]
+
+
+@register_task("omniglot")
+@dataclass(frozen=True)
+class OmniglotTask(Task):
+    root: str | None = hp(None, doc="folder holding the Omniglot zips (default: $BILEVEL_RAY_DATA, ../shared/data/omniglot)")
+    train_split: str = hp("images_background_small1", choices=SPLITS, doc="meta-training characters")
+    test_split: str | None = hp("images_background_small2", choices=(*SPLITS, None),
+                                doc="its alphabets absent from train_split give test_acc (null: none)")
+    ways: int = hp(20, low=2, strict=False, doc="classes per training task")
+    shots: int = hp(5, low=1, strict=False, doc="support drawings per class (lower level)")
+    queries: int = hp(5, low=1, strict=False, doc="query drawings per class (upper level)")
+    meta_batch: int = hp(4, low=1, strict=False, doc="tasks per minibatch")
+    rotations: int = hp(4, choices=(1, 4), doc="4: rotated characters are extra classes")
+    support_drawings: int = hp(10, low=1, strict=False, doc="first drawings of each character for the lower level")
+    width: int = hp(32, low=1, strict=False, doc="channels of the conv backbone")
+    depth: int = hp(4, low=1, high=4, strict=False, doc="conv blocks")
+    reg: float = hp(1e-3, low=0, doc="ridge weight of the heads (strong convexity)")
+    temperature: float = hp(10.0, low=0, doc="features are L2-normalised and scaled by this")
+    head_steps: int = hp(50, low=0, strict=False, doc="gradient steps fitting a new task's head")
+    eval_ways: int = hp(5, low=2, strict=False, doc="ways of the test_acc tasks")
+    eval_shots: int = hp(1, low=1, strict=False, doc="shots of the test_acc tasks")
+    eval_tasks: int = hp(100, low=2, strict=False, doc="tasks in test_acc (fixed set)")
+    dtype: str = hp("float32", choices=tuple(DTYPES))
+    seed: int = hp(0, low=0, strict=False, doc="seed of the fixed metric tasks")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        train = load_omniglot(self.train_split, root=self.root)
+        pool = ClassPool(train.images, train.labels, self.rotations)
+        inner, outer = pool.split_drawings(self.support_drawings)
+        object.__setattr__(self, "data", train)
+        object.__setattr__(self, "num_classes", pool.num_classes)
+        object.__setattr__(self, "inner", self._sampler(inner, self.shots, "shots"))
+        object.__setattr__(self, "outer", self._sampler(outer, self.queries, "queries"))
+        test = None
+        if self.test_split is not None:
+            data = load_omniglot(self.test_split, root=self.root).select(exclude=train.alphabets)
+            test = EpisodeSampler(ClassPool(data.images, data.labels), self.eval_ways, self.eval_shots, 15)
+        object.__setattr__(self, "test", test)
+
+    def _sampler(self, pool: ClassPool, shots: int, name: str, classes: np.ndarray | None = None) -> "_TaskSampler":
+        try:
+            return _TaskSampler(EpisodeSampler(pool, self.ways, shots, 0, self.meta_batch), classes, self.seed)
+        except ValueError as err:
+            raise ValueError(str(err).replace("task.shots", f"task.{name}")) from None
+
+    # -- the bilevel problem -------------------------------------------------------------------------
+    def _loss(self, x: dict[str, torch.Tensor], y: torch.Tensor, batch: Any) -> torch.Tensor:
+        images, labels, classes = batch.support, batch.support_labels, batch.classes
+        b, n = labels.shape
+        feats = features(x, images.reshape(b * n, *images.shape[2:]).to(y.dtype), self.temperature).reshape(b, n, -1)
+        heads = y[classes]
+        logits = torch.einsum("bnd,bkd->bnk", feats, heads[..., :-1]) + heads[..., -1][:, None, :]
+        return F.cross_entropy(logits.reshape(b * n, -1), labels.reshape(-1))
+
+    def g(self, x: dict[str, torch.Tensor], y: torch.Tensor, batch: Any) -> torch.Tensor:
+        return self._loss(x, y, batch) + 0.5 * self.reg * (y * y).sum()
+
+    def f(self, x: dict[str, torch.Tensor], y: torch.Tensor, batch: Any) -> torch.Tensor:
+        return self._loss(x, y, batch)
+
+    def init(self, *, seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        x = init_backbone(width=self.width, depth=self.depth, seed=seed, dtype=DTYPES[self.dtype])
+        return x, torch.zeros(self.num_classes, feature_dim(x, self.data.images.shape[-1]) + 1, dtype=DTYPES[self.dtype])
+
+    # -- agents, learner, metrics --------------------------------------------------------------------
+    def shard(self, n_agents: int, *, split: str = "iid", alpha: float = 0.5, seed: int = 0):
+        """Each agent's ``(inner, outer)`` samplers over its own alphabets (characters when there are
+        more agents than alphabets); ``y`` keeps the global class numbering, so heads mix consistently."""
+        if split != "iid":
+            raise ValueError("decentralized.split: the omniglot task splits by alphabet; use 'iid'")
+        alphabets = self.data.alphabets
+        owner_of_char = np.empty(len(self.data.classes), dtype=np.int64)
+        if n_agents <= len(alphabets):
+            order = np.random.default_rng([seed, 3]).permutation(len(alphabets))
+            agent_of = {alphabets[a]: i % n_agents for i, a in enumerate(order)}
+            for c, (a, _) in enumerate(self.data.classes):
+                owner_of_char[c] = agent_of[a]
+        else:
+            owner_of_char[:] = np.random.default_rng([seed, 3]).permutation(len(self.data.classes)) % n_agents
+        owner = np.repeat(owner_of_char, self.rotations)  # rotated ids are c * rotations + r
+        out = []
+        for i in range(n_agents):
+            mine = np.flatnonzero(owner == i)
+            if len(mine) < self.ways:
+                raise ValueError(f"decentralized.agents: agent {i} gets {len(mine)} classes, fewer than task.ways="
+                                 f"{self.ways}; use fewer agents or fewer ways")
+            out.append((_TaskSampler(self.inner.sampler, mine, self.seed + i),
+                        _TaskSampler(self.outer.sampler, mine, self.seed + i)))
+        return out
+
+    def learner(self, x: dict[str, torch.Tensor], y: torch.Tensor) -> Any:
+        """The few-shot learner of backbone ``x``: new tasks get a head fitted on their support set."""
+        from bilevel_ray.meta.fewshot import FewShotLearner
+
+        return FewShotLearner("hyperrep", {k: v.detach() for k, v in x.items()},
+                              {"reg": self.reg, "head_steps": self.head_steps, "temperature": self.temperature,
+                               "train_split": self.train_split, "size": int(self.data.images.shape[-1])})
+
+    def metrics(self, x: dict[str, torch.Tensor], y: torch.Tensor) -> dict[str, float]:
+        batch = self.outer.full()
+        with torch.no_grad():
+            out = {"outer_objective": float(self.f(x, y, batch))}
+            b, n = batch.support_labels.shape
+            feats = features(x, batch.support.reshape(b * n, *batch.support.shape[2:]).to(y.dtype),
+                             self.temperature).reshape(b, n, -1)
+            heads = y[batch.classes]
+            pred = (torch.einsum("bnd,bkd->bnk", feats, heads[..., :-1]) + heads[..., -1][:, None, :]).argmax(-1)
+            out["query_acc"] = float((pred == batch.support_labels).double().mean())
+        if self.test is not None:
+            from bilevel_ray.meta.fewshot import evaluate
+
+            out["test_acc"] = evaluate(self.learner(x, y), self.test, tasks=self.eval_tasks, seed=self.seed)[0]
+        return out
+
+
+@dataclass(frozen=True)
+class _TaskSampler:
+    """An :class:`EpisodeSampler` restricted to ``classes`` (all when ``None``), as a problem sampler;
+    ``full()`` is a fixed set of 4 meta-batches (for metrics and full-batch methods)."""
+
+    sampler: EpisodeSampler
+    classes: np.ndarray | None
+    seed: int
+
+    num_batches = None
+
+    def sample(self, rng: np.random.Generator) -> tuple[int, Any]:
+        return -1, self._draw(rng, self.sampler.meta_batch)
+
+    def _draw(self, rng: np.random.Generator, b: int) -> Any:
+        return self.sampler.episodes(rng, b, among=self.classes)
+
+    def full(self) -> Any:
+        cached = self.__dict__.get("_full")
+        if cached is None:
+            cached = self._draw(np.random.default_rng([self.seed, 104729]), 4 * self.sampler.meta_batch)
+            object.__setattr__(self, "_full", cached)
+        return cached
