@@ -20,13 +20,14 @@ meta-batches (5-way 1-shot, ``--speed-batch`` tasks, 15 queries) and the same Ad
 that both give the same meta-gradient.
 
     .venv/bin/python benchmarks/omniglot.py [--budget 4] [--tasks 600] [--methods soba bome dsbo maml protonet]
-                                            [--width 32] [--threads 2] [--quick]
+                                            [--width 32] [--threads 2] [--save DIR] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -129,6 +130,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--speed-batch", type=int, default=16, help="tasks per meta-batch in the speed test")
     parser.add_argument("--speed-iters", type=int, default=10)
+    parser.add_argument("--save", metavar="DIR", help="save each trained learner as DIR/<method>.pt (for bilevel-ray eval)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 0.2 min, 50 tasks, 3 iterations")
     args = parser.parse_args()
     if args.quick:
@@ -156,6 +158,9 @@ def main() -> None:
             learner, steps = train_bilevel(name, args.width, budget_s)
         else:
             learner, steps = train_episodic(name, pool, args.width, budget_s)
+        if args.save:
+            Path(args.save).mkdir(parents=True, exist_ok=True)
+            learner.save(Path(args.save) / f"{name}.pt")
         cells = []
         for ways, shots in SETTINGS:
             mean, half, _ = evaluate(learner, EpisodeSampler(test, ways, shots, 15), tasks=args.tasks, seed=0)

@@ -135,8 +135,9 @@ def _run(config: str, overrides: list[str], out: str | None, progress: bool | No
     for key, value in last.items():
         if key not in COUNTERS:
             print(f"  {key:<20} {value:.6g}")
-    for name in ("metrics.csv", "metrics.json", "curves.png", "config.yaml"):
-        print(f"  {out_dir / name}")
+    for name in ("metrics.csv", "metrics.json", "curves.png", "config.yaml", "learner.pt"):
+        if name != "learner.pt" or hasattr(cfg.task, "learner"):
+            print(f"  {out_dir / name}")
     return 0
 
 

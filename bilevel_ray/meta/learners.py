@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, grad_and_value, vjp, vmap
 
-from bilevel_ray.tasks.vision.backbone import embed, features
+from bilevel_ray.tasks.vision.backbone import embed, feature_dim, features
 
 __all__ = ["KINDS", "with_head", "forward", "maml_adapt", "maml_task_loss", "imaml_solve", "imaml_task_grad",
            "proto_logits", "fit_head", "head_logits", "task_logits", "meta_loss_and_grad", "cg_fixed"]
@@ -61,8 +61,6 @@ def _loss(params: Params, images: torch.Tensor, labels: torch.Tensor) -> torch.T
 
 
 def _dim(theta: Params, images: torch.Tensor) -> int:
-    from bilevel_ray.tasks.vision.backbone import feature_dim
-
     return feature_dim(theta, images.shape[-1])
 
 
