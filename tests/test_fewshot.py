@@ -425,3 +425,11 @@ def test_decentralized_meta_learning_on_the_simulation(omniglot, algo_name, hype
         assert all(torch.isfinite(tree.flatten(x)).all() for x in xs)
         errors[name] = consensus_error(xs)
     assert errors["alone"] > 0 and errors["gossip"] < 0.5 * errors["alone"], errors
+
+
+def test_task_settings_the_data_cannot_serve_are_refused_by_name(omniglot):
+    for bad, match in ((dict(support_drawings=20), r"^task\.support_drawings: must be in 1\.\.19"),
+                       (dict(shots=11), r"^task\.shots: .* only 10"), (dict(queries=11), r"^task\.queries: .* only 10"),
+                       (dict(ways=600), r"^task\.ways: 600 ways need as many classes; the pool has 544")):
+        with pytest.raises(ValueError, match=match):
+            make_task("omniglot", width=2, **bad)

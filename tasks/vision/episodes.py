@@ -69,7 +69,7 @@ class ClassPool:
     def split_drawings(self, first: int) -> tuple["ClassPool", "ClassPool"]:
         """Two pools over the same classes: each class's first ``first`` drawings, and the rest."""
         if not 0 < first < self.min_count:
-            raise ValueError(f"split: every class needs more than {first} drawings; the smallest has {self.min_count}")
+            raise ValueError(f"must be in 1..{self.min_count - 1} (drawings of the smallest class - 1), got {first}")
         rank = np.empty(len(self.labels), dtype=np.int64)
         for c in range(len(self._counts)):
             rows = self._table[c, :self._counts[c]]

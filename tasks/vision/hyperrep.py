@@ -62,7 +62,10 @@ class OmniglotTask(Task):
         super().__post_init__()
         train = load_omniglot(self.train_split, root=self.root)
         pool = ClassPool(train.images, train.labels, self.rotations)
-        inner, outer = pool.split_drawings(self.support_drawings)
+        try:
+            inner, outer = pool.split_drawings(self.support_drawings)
+        except ValueError as err:
+            raise ValueError(f"task.support_drawings: {err}") from None
         object.__setattr__(self, "data", train)
         object.__setattr__(self, "num_classes", pool.num_classes)
         object.__setattr__(self, "inner", self._sampler(inner, self.shots, "shots"))
