@@ -82,33 +82,31 @@ def maml_speed(pool: ClassPool, width: int, batch: int, iters: int) -> tuple[flo
     theta = {k: v.detach().clone().requires_grad_(True) for k, v in net.named_parameters()}
     hyper = {"steps": 1, "lr": 0.4}
 
+    def ours_grads(ep):
+        return meta_loss_and_grad("maml", {k: v.detach() for k, v in theta.items()}, hyper, ep)[1]
+
     def ours_step(ep, opt):
-        _, grads = meta_loss_and_grad("maml", {k: v.detach() for k, v in theta.items()}, hyper, ep)
-        for k, p in theta.items():
-            p.grad = grads[k]
+        for k, g in ours_grads(ep).items():
+            theta[k].grad = g
         opt.step()
-        return grads
 
     maml = l2l.algorithms.MAML(net, lr=0.4, first_order=False)
 
-    def l2l_step(ep, opt):
-        opt.zero_grad()
+    def l2l_grads(ep):
+        maml.zero_grad()
         for b in range(ep.support.shape[0]):
             learner = maml.clone()
             learner.adapt(F.cross_entropy(learner(ep.support[b]), ep.support_labels[b]))
             (F.cross_entropy(learner(ep.query[b]), ep.query_labels[b]) / ep.support.shape[0]).backward()
-        grads = {k: p.grad.clone() for k, p in maml.module.named_parameters()}
+        return {k: p.grad for k, p in maml.module.named_parameters()}
+
+    def l2l_step(ep, opt):
+        l2l_grads(ep)
         opt.step()
-        return grads
 
     # same meta-gradient at the same point (before any update)
-    g_ours = meta_loss_and_grad("maml", {k: v.detach() for k, v in theta.items()}, hyper, episodes[0])[1]
-    maml.zero_grad()
-    for b in range(episodes[0].support.shape[0]):
-        learner = maml.clone()
-        learner.adapt(F.cross_entropy(learner(episodes[0].support[b]), episodes[0].support_labels[b]))
-        (F.cross_entropy(learner(episodes[0].query[b]), episodes[0].query_labels[b]) / batch).backward()
-    diff = max(float((g_ours[k] - p.grad).abs().max()) for k, p in maml.module.named_parameters())
+    g_ours, g_l2l = ours_grads(episodes[0]), l2l_grads(episodes[0])
+    diff = max(float((g_ours[k] - g_l2l[k]).abs().max()) for k in g_ours)
 
     rates = {}
     for name, step, params in (("ours", ours_step, list(theta.values())), ("l2l", l2l_step, list(maml.parameters()))):
@@ -125,7 +123,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=4.0, help="training minutes per method")
     parser.add_argument("--tasks", type=int, default=600, help="test tasks per setting")
-    parser.add_argument("--methods", nargs="+", default=list(LABELS), choices=list(LABELS))
+    parser.add_argument("--methods", nargs="*", default=list(LABELS), choices=list(LABELS),
+                        help="methods of the accuracy table (none: the speed test only)")
     parser.add_argument("--width", type=int, default=32, help="channels of the Conv-4 backbone")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--speed-batch", type=int, default=16, help="tasks per meta-batch in the speed test")

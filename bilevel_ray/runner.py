@@ -133,9 +133,7 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
                     bar.update(t)
             if hasattr(task, "learner"):  # tasks with a deployable model (few-shot learners) export it
                 states = backend.states()
-                xy = (states[0].x, states[0].y) if len(states) == 1 else (average([s.x for s in states]),
-                                                                          average([s.y for s in states]))
-                task.learner(*xy).save(out / "learner.pt")
+                task.learner(average([s.x for s in states]), average([s.y for s in states])).save(out / "learner.pt")
     finally:
         bar.close()
         if backend is not None:

@@ -121,19 +121,22 @@ def imaml_task_grad(theta: Params, support, support_labels, query, query_labels,
     return lq, {k: u[k] for k in theta}
 
 
+def _prototypes(feats: torch.Tensor, labels: torch.Tensor, ways: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(one-hot labels, class means)`` of one task's support features."""
+    onehot = F.one_hot(labels, ways).to(feats.dtype)
+    return onehot, onehot.T @ feats / onehot.sum(0)[:, None]
+
+
 def proto_logits(theta: Params, support, support_labels, query, *, ways: int) -> torch.Tensor:
     """``−‖f(q) − c_k‖²`` with ``c_k`` the mean embedding of class ``k``'s support images."""
-    fs, fq = embed(theta, support), embed(theta, query)
-    onehot = F.one_hot(support_labels, ways).to(fs.dtype)
-    protos = onehot.T @ fs / onehot.sum(0)[:, None]
-    return -((fq[:, None, :] - protos[None]) ** 2).sum(-1)
+    _, protos = _prototypes(embed(theta, support), support_labels, ways)
+    return -((embed(theta, query)[:, None, :] - protos[None]) ** 2).sum(-1)
 
 
 def fit_head(feats: torch.Tensor, labels: torch.Tensor, *, ways: int, reg: float, steps: int) -> torch.Tensor:
     """``argmin_W mean CE([f, 1] W^T) + reg/2‖W‖²`` for one task, ``W`` of shape ``(ways, d+1)``: gradient
     steps of size ``1/L`` (``L`` bounds the Hessian) from the prototype classifier ``[2c_k, −‖c_k‖²]``."""
-    onehot = F.one_hot(labels, ways).to(feats.dtype)
-    protos = onehot.T @ feats / onehot.sum(0)[:, None]
+    onehot, protos = _prototypes(feats, labels, ways)
     w = torch.cat([2 * protos, -(protos ** 2).sum(1, keepdim=True)], 1)
     scale = (protos ** 2).sum(1).mean().clamp_min(1e-12) ** 0.5
     w = w / scale  # prototype logits at unit scale: the CE steps start from moderate confidences

@@ -83,13 +83,16 @@ class OmniglotTask(Task):
             raise ValueError(str(err).replace("task.shots", f"task.{name}")) from None
 
     # -- the bilevel problem -------------------------------------------------------------------------
-    def _loss(self, x: dict[str, torch.Tensor], y: torch.Tensor, batch: Any) -> torch.Tensor:
-        images, labels, classes = batch.support, batch.support_labels, batch.classes
-        b, n = labels.shape
+    def _logits(self, x: dict[str, torch.Tensor], y: torch.Tensor, batch: Any) -> torch.Tensor:
+        """``(B·n, ways)`` logits of the batch's images under their tasks' heads (rows of ``y``)."""
+        images, classes = batch.support, batch.classes
+        b, n = batch.support_labels.shape
         feats = features(x, images.reshape(b * n, *images.shape[2:]).to(y.dtype), self.temperature).reshape(b, n, -1)
         heads = y[classes]
-        logits = torch.einsum("bnd,bkd->bnk", feats, heads[..., :-1]) + heads[..., -1][:, None, :]
-        return F.cross_entropy(logits.reshape(b * n, -1), labels.reshape(-1))
+        return (torch.einsum("bnd,bkd->bnk", feats, heads[..., :-1]) + heads[..., -1][:, None, :]).reshape(b * n, -1)
+
+    def _loss(self, x: dict[str, torch.Tensor], y: torch.Tensor, batch: Any) -> torch.Tensor:
+        return F.cross_entropy(self._logits(x, y, batch), batch.support_labels.reshape(-1))
 
     def g(self, x: dict[str, torch.Tensor], y: torch.Tensor, batch: Any) -> torch.Tensor:
         return self._loss(x, y, batch) + 0.5 * self.reg * (y * y).sum()
@@ -137,14 +140,11 @@ class OmniglotTask(Task):
 
     def metrics(self, x: dict[str, torch.Tensor], y: torch.Tensor) -> dict[str, float]:
         batch = self.outer.full()
-        with torch.no_grad():
-            out = {"outer_objective": float(self.f(x, y, batch))}
-            b, n = batch.support_labels.shape
-            feats = features(x, batch.support.reshape(b * n, *batch.support.shape[2:]).to(y.dtype),
-                             self.temperature).reshape(b, n, -1)
-            heads = y[batch.classes]
-            pred = (torch.einsum("bnd,bkd->bnk", feats, heads[..., :-1]) + heads[..., -1][:, None, :]).argmax(-1)
-            out["query_acc"] = float((pred == batch.support_labels).double().mean())
+        labels = batch.support_labels.reshape(-1)
+        with torch.no_grad():  # one forward pass for both (f is the cross-entropy of these logits)
+            logits = self._logits(x, y, batch)
+        out = {"outer_objective": float(F.cross_entropy(logits, labels)),
+               "query_acc": float((logits.argmax(1) == labels).double().mean())}
         if self.test is not None:
             from bilevel_ray.meta.fewshot import evaluate
 
