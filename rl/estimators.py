@@ -1,0 +1,96 @@
+"""Policy-gradient estimators: returns, a linear feature baseline, GAE and a DiCE surrogate.
+
+The surrogate (DiCE, Foerster et al. 2018, in the baseline form of Mao et al. 2019 / Farquhar et al.
+2019) is ``S(θ) = (1/E) Σ_e Σ_t (⊡(W_t) − ⊡(W_{t−1})) A_t`` with ``W_t = Σ_{t'≤t} log π_θ(a_{t'}|s_{t'})``
+and the "magic box" ``⊡(w) = exp(w − stop_grad(w))``. It evaluates to 0, its gradient is the usual
+``Σ_t ∇log π_t A_t``, and with ``A_t`` = (undiscounted) return-to-go minus any baseline of the state its
+derivatives of *every* order are unbiased estimates of those of the expected return. That makes the
+Hessian-vector products that MAML's meta-gradient and the bilevel algorithms need meaningful.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["discounted_returns", "baseline_features", "fit_linear_baseline", "gae", "advantages",
+           "dice_surrogate"]
+
+
+def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """``G_t = Σ_{t'≥t} γ^{t'−t} r_{t'}`` per episode, (T, E); zero on masked steps."""
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[0])
+    for t in range(rewards.shape[0] - 1, -1, -1):
+        running = (rewards[t] + gamma * running) * mask[t]
+        out[t] = running
+    return out
+
+
+def baseline_features(obs: Tensor, mask: Tensor) -> Tensor:
+    """MAML-RL's baseline features ``[s, s², t, t², t³, 1]`` with ``t = step / 100``, (T, E, 2d + 4)."""
+    steps = torch.arange(obs.shape[0], dtype=obs.dtype).reshape(-1, 1, 1).expand(*obs.shape[:2], 1) / 100.0
+    ones = torch.ones_like(steps)
+    feats = torch.cat([obs, obs * obs, steps, steps ** 2, steps ** 3, ones], -1)
+    return feats * mask.unsqueeze(-1)
+
+
+def fit_linear_baseline(obs: Tensor, returns: Tensor, mask: Tensor, reg: float = 1e-5) -> Tensor:
+    """Ridge regression of the returns on :func:`baseline_features`; the ridge grows ×10 until the solve
+    is finite (as in MAML-RL). Returns the coefficients (2d + 4,)."""
+    feats = baseline_features(obs, mask).reshape(-1, obs.shape[-1] * 2 + 4).double()
+    target = (returns * mask).reshape(-1).double()
+    gram, rhs = feats.T @ feats, feats.T @ target
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    for _ in range(6):
+        coef = torch.linalg.solve(gram + reg * eye, rhs)
+        if torch.isfinite(coef).all():
+            return coef.to(obs.dtype)
+        reg *= 10
+    raise FloatingPointError("rl.baseline: the linear baseline solve is not finite even with a large ridge")
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> Tensor:
+    """Generalized advantage estimation (Schulman et al. 2016), (T, E); a masked step's value is 0."""
+    values = values * mask
+    next_values = torch.cat([values[1:], torch.zeros_like(values[:1])])
+    deltas = (rewards + gamma * next_values - values) * mask
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[0])
+    for t in range(rewards.shape[0] - 1, -1, -1):
+        running = (deltas[t] + gamma * lam * running) * mask[t]
+        out[t] = running
+    return out
+
+
+def advantages(obs: Tensor, rewards: Tensor, mask: Tensor, *, gamma: float = 0.99, lam: float = 1.0,
+               normalize: bool = True) -> Tensor:
+    """GAE with a linear baseline fitted on these episodes (MAML-RL's estimator), optionally normalized
+    to zero mean and unit variance over the unmasked steps. A constant of the policy (no gradient)."""
+    with torch.no_grad():
+        returns = discounted_returns(rewards, mask, gamma)
+        coef = fit_linear_baseline(obs, returns, mask)
+        values = baseline_features(obs, mask) @ coef
+        adv = gae(rewards, values, mask, gamma, lam)
+        if normalize:
+            n = mask.sum()
+            mean = (adv * mask).sum() / n
+            std = (((adv - mean) ** 2 * mask).sum() / n).sqrt()
+            adv = (adv - mean) / (std + 1e-8) * mask
+    return adv
+
+
+def dice_surrogate(log_probs: Tensor, advantages: Tensor, mask: Tensor,
+                   behaviour_log_probs: Tensor | None = None) -> Tensor:
+    """``(1/E) Σ_e Σ_t (⊡(W_t) − ⊡(W_{t−1})) A_t`` for log-probabilities ``(T, E)`` of the taken actions.
+
+    ``⊡(W_t) = exp(W_t − W_t^b)`` where ``W^b`` are the cumulative log-probabilities of the policy that
+    sampled the episodes: ``behaviour_log_probs`` when given (the surrogate is then an importance-weighted
+    estimate at a policy other than the sampling one, as a TRPO/PPO step needs), else ``log_probs``
+    detached (DiCE proper). The two agree with all their derivatives where the policies coincide.
+    """
+    behaviour = log_probs.detach() if behaviour_log_probs is None else behaviour_log_probs.detach()
+    cum = torch.cumsum((log_probs - behaviour) * mask, 0)
+    prev = torch.cat([torch.zeros_like(cum[:1]), cum[:-1]])
+    weights = torch.exp(cum) - torch.exp(prev)
+    return (weights * advantages * mask).sum(0).mean()

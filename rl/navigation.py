@@ -1,0 +1,87 @@
+"""2-D point navigation to a random goal (MAML, Finn et al. 2017, section 5.3).
+
+The agent starts at the origin; an action ``a`` (clipped to ``[-0.1, 0.1]²``) moves it to ``p + a``; the
+reward is ``-‖p + a - goal‖``. Goals are uniform in ``[-0.5, 0.5]²``. Episodes are truncated at 100 steps
+by the registration (``BilevelRay/Navigation2D-v0``); there is no termination.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from bilevel_ray.rl.core import Task, validate_task
+
+__all__ = ["Navigation2DEnv"]
+
+
+class Navigation2DEnv(gym.Env):
+    """Point robot on the plane; task ``{"goal_x", "goal_y"}``."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
+    #: task key -> allowed range
+    TASK_SPEC = {"goal_x": (-1.0, 1.0), "goal_y": (-1.0, 1.0)}
+    MAX_STEP = 0.1
+
+    def __init__(self, goal_range: float = 0.5, render_mode: str | None = None):
+        if not (isinstance(goal_range, (int, float)) and 0 < goal_range <= 1):
+            raise ValueError(f"env.goal_range: must be in (0, 1], got {goal_range!r}")
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"env.render_mode: must be None or 'rgb_array', got {render_mode!r}")
+        self.goal_range = float(goal_range)
+        self.render_mode = render_mode
+        self.observation_space = spaces.Box(-np.inf, np.inf, (2,), np.float32)
+        self.action_space = spaces.Box(-self.MAX_STEP, self.MAX_STEP, (2,), np.float32)
+        self._task: Task = {"goal_x": 0.0, "goal_y": 0.0}
+        self._pos = np.zeros(2)
+        self._path: list[np.ndarray] = []
+
+    def sample_tasks(self, n: int, *, seed: int) -> list[Task]:
+        goals = np.random.default_rng(seed).uniform(-self.goal_range, self.goal_range, (n, 2))
+        return [{"goal_x": float(gx), "goal_y": float(gy)} for gx, gy in goals]
+
+    def set_task(self, task: Task) -> None:
+        self._task = validate_task(task, self.TASK_SPEC, type(self).__name__)
+
+    def get_task(self) -> Task:
+        return dict(self._task)
+
+    @property
+    def goal(self) -> np.ndarray:
+        return np.array([self._task["goal_x"], self._task["goal_y"]])
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        self._pos = np.zeros(2)
+        self._path = [self._pos.copy()]
+        return self._pos.astype(np.float32), {}
+
+    def step(self, action):
+        action = np.clip(np.asarray(action, dtype=np.float64), -self.MAX_STEP, self.MAX_STEP)
+        self._pos = self._pos + action
+        self._path.append(self._pos.copy())
+        dist = float(np.linalg.norm(self._pos - self.goal))
+        return self._pos.astype(np.float32), -dist, False, False, {"distance": dist}
+
+    def render(self) -> np.ndarray | None:
+        """An RGB image (H, W, 3) of the path so far (blue), the start (black) and the goal (red)."""
+        if self.render_mode != "rgb_array":
+            return None
+        size, extent = 128, 1.0
+        img = np.full((size, size, 3), 255, np.uint8)
+
+        def pixel(p: np.ndarray) -> tuple[int, int]:
+            col = int(np.clip((p[0] + extent) / (2 * extent) * (size - 1), 0, size - 1))
+            row = int(np.clip((extent - p[1]) / (2 * extent) * (size - 1), 0, size - 1))
+            return row, col
+
+        for p in self._path:
+            r, c = pixel(p)
+            img[max(r - 1, 0):r + 2, max(c - 1, 0):c + 2] = (40, 90, 220)
+        for p, colour in ((np.zeros(2), (0, 0, 0)), (self.goal, (220, 30, 30))):
+            r, c = pixel(p)
+            img[max(r - 2, 0):r + 3, max(c - 2, 0):c + 3] = colour
+        return img

@@ -1,0 +1,143 @@
+"""Vectorized rollouts through gymnasium's vector environments.
+
+:class:`RolloutSampler` runs ``episodes_per_task`` episodes for each of a list of tasks in lockstep in
+one ``SyncVectorEnv`` (one sub-environment per episode) and returns time-major tensors. Episode ``j``
+(counted over the whole request, ``first_episode`` on) takes its reset seed and its action noise from
+``(seed, j)`` alone, so splitting a request across processes (Ray rollout workers) gives the same
+episodes as running it in one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import Tensor
+
+from bilevel_ray.rl.core import Task, make
+from bilevel_ray.rl.policies import Params, Policy, make_policy
+
+__all__ = ["Episodes", "RolloutSampler", "concat_episodes"]
+
+
+class Episodes(NamedTuple):
+    """A batch of ``E`` episodes, time-major; steps after an episode ended have ``mask == 0``.
+
+    ``task`` (E,) is the index of each episode's task in the request.
+    """
+
+    obs: Tensor        # (T, E, obs_dim)
+    actions: Tensor    # (T, E, act_dim) or (T, E) for discrete actions
+    rewards: Tensor    # (T, E)
+    mask: Tensor       # (T, E)
+    task: Tensor       # (E,) long
+
+    @property
+    def returns(self) -> Tensor:
+        """Undiscounted return of each episode, (E,)."""
+        return (self.rewards * self.mask).sum(0)
+
+    @property
+    def steps(self) -> int:
+        """Environment steps taken."""
+        return int(self.mask.sum().item())
+
+    def select(self, columns: Tensor | Sequence[int]) -> "Episodes":
+        """The episodes at ``columns``."""
+        idx = torch.as_tensor(columns, dtype=torch.long)
+        return Episodes(self.obs[:, idx], self.actions[:, idx], self.rewards[:, idx], self.mask[:, idx], self.task[idx])
+
+    def of_task(self, k: int) -> "Episodes":
+        return self.select(torch.nonzero(self.task == k).flatten())
+
+
+def concat_episodes(parts: Sequence[Episodes]) -> Episodes:
+    """Join episode batches along the episode axis (padding shorter horizons with masked steps)."""
+    horizon = max(p.obs.shape[0] for p in parts)
+
+    def pad(t: Tensor) -> Tensor:
+        extra = horizon - t.shape[0]
+        return t if extra == 0 else torch.cat([t, t.new_zeros((extra, *t.shape[1:]))])
+
+    return Episodes(*(torch.cat([pad(getattr(p, f)) for p in parts], 1) for f in ("obs", "actions", "rewards", "mask")),
+                    torch.cat([p.task for p in parts]))
+
+
+class RolloutSampler:
+    """Samples episodes of a meta-environment under a policy, in one process.
+
+    ``horizon`` defaults to the environment's ``max_episode_steps``; vector environments are built once
+    per batch size and reused.
+    """
+
+    def __init__(self, env_id: str, *, horizon: int | None = None, env_kwargs: dict[str, Any] | None = None,
+                 policy: Policy | None = None, hidden: tuple[int, ...] = (100, 100)):
+        self.env_id = env_id
+        self.env_kwargs = dict(env_kwargs or {})
+        probe = make(env_id, **self.env_kwargs)
+        limit = probe.spec.max_episode_steps if probe.spec is not None else None
+        self.horizon = int(horizon or limit or 0)
+        if self.horizon <= 0:
+            raise ValueError(f"rl.horizon: must be a positive integer (the environment sets no time limit), got {horizon!r}")
+        self.observation_space, self.action_space = probe.observation_space, probe.action_space
+        self.policy = policy if policy is not None else make_policy(probe.observation_space, probe.action_space, hidden)
+        self._task_sampler = probe
+        self._vec: gym.vector.SyncVectorEnv | None = None
+
+    def sample_tasks(self, n: int, *, seed: int) -> list[Task]:
+        return self._task_sampler.unwrapped.sample_tasks(n, seed=seed)
+
+    def _vector_env(self, n: int) -> gym.vector.SyncVectorEnv:
+        if self._vec is None or self._vec.num_envs != n:
+            if self._vec is not None:
+                self._vec.close()
+            kwargs = self.env_kwargs
+            self._vec = gym.vector.SyncVectorEnv([lambda: make(self.env_id, **kwargs) for _ in range(n)], copy=False)
+        return self._vec
+
+    @torch.no_grad()
+    def sample(self, params: Params, tasks: Sequence[Task], episodes_per_task: int, *, seed: int,
+               first_episode: int = 0) -> Episodes:
+        """``episodes_per_task`` episodes of each task (task-major order) under the policy ``params``."""
+        if not (isinstance(episodes_per_task, int) and episodes_per_task > 0):
+            raise ValueError(f"rl.episodes_per_task: must be a positive integer, got {episodes_per_task!r}")
+        if len(tasks) == 0:
+            raise ValueError("rl.tasks: need at least one task")
+        n = len(tasks) * episodes_per_task
+        dtype = next(iter(params.values())).dtype
+        vec = self._vector_env(n)
+        for i, env in enumerate(vec.envs):
+            env.unwrapped.set_task(tasks[i // episodes_per_task])
+        rngs = [np.random.default_rng([int(seed), first_episode + i]) for i in range(n)]
+        reset_seeds = [int(r.integers(2**31)) for r in rngs]
+        noise = torch.as_tensor(np.stack([
+            r.standard_normal((self.horizon, *self.policy.noise_shape)) if self.policy.noise_shape
+            else r.random(self.horizon) for r in rngs], 1), dtype=dtype)
+        obs_np, _ = vec.reset(seed=reset_seeds)
+        box = isinstance(self.action_space, gym.spaces.Box)
+        obs, actions, rewards, mask = [], [], [], []
+        alive = np.ones(n, dtype=bool)
+        for t in range(self.horizon):
+            o = torch.tensor(obs_np, dtype=dtype)  # a copy: the vector env reuses its buffer
+            a = self.policy.act(params, o, noise[t])
+            a_np = a.numpy()
+            if box:
+                a_np = np.clip(a_np, self.action_space.low, self.action_space.high).astype(self.action_space.dtype)
+            obs.append(o)
+            actions.append(a)
+            mask.append(torch.as_tensor(alive, dtype=dtype))
+            obs_np, r, terminated, truncated, _ = vec.step(a_np)
+            rewards.append(torch.as_tensor(np.where(alive, r, 0.0), dtype=dtype))
+            alive = alive & ~(terminated | truncated)
+            if not alive.any():
+                break
+        task = torch.arange(len(tasks)).repeat_interleave(episodes_per_task)
+        return Episodes(torch.stack(obs), torch.stack(actions), torch.stack(rewards), torch.stack(mask), task)
+
+    def close(self) -> None:
+        if self._vec is not None:
+            self._vec.close()
+            self._vec = None
+        self._task_sampler.close()
