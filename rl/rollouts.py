@@ -25,13 +25,15 @@ __all__ = ["Episodes", "RolloutSampler", "concat_episodes"]
 class Episodes(NamedTuple):
     """A batch of ``E`` episodes, time-major; steps after an episode ended have ``mask == 0``.
 
-    ``task`` (E,) is the index of each episode's task in the request.
+    ``task`` (E,) is the index of each episode's task in the request; ``log_probs`` are the sampling
+    policy's log-probabilities of the actions taken (the behaviour policy of importance weights).
     """
 
     obs: Tensor        # (T, E, obs_dim)
     actions: Tensor    # (T, E, act_dim) or (T, E) for discrete actions
     rewards: Tensor    # (T, E)
     mask: Tensor       # (T, E)
+    log_probs: Tensor  # (T, E)
     task: Tensor       # (E,) long
 
     @property
@@ -47,10 +49,13 @@ class Episodes(NamedTuple):
     def select(self, columns: Tensor | Sequence[int]) -> "Episodes":
         """The episodes at ``columns``."""
         idx = torch.as_tensor(columns, dtype=torch.long)
-        return Episodes(self.obs[:, idx], self.actions[:, idx], self.rewards[:, idx], self.mask[:, idx], self.task[idx])
+        return Episodes(*(getattr(self, f)[:, idx] for f in _TIME_MAJOR), self.task[idx])
 
     def of_task(self, k: int) -> "Episodes":
         return self.select(torch.nonzero(self.task == k).flatten())
+
+
+_TIME_MAJOR = ("obs", "actions", "rewards", "mask", "log_probs")
 
 
 def concat_episodes(parts: Sequence[Episodes]) -> Episodes:
@@ -61,7 +66,7 @@ def concat_episodes(parts: Sequence[Episodes]) -> Episodes:
         extra = horizon - t.shape[0]
         return t if extra == 0 else torch.cat([t, t.new_zeros((extra, *t.shape[1:]))])
 
-    return Episodes(*(torch.cat([pad(getattr(p, f)) for p in parts], 1) for f in ("obs", "actions", "rewards", "mask")),
+    return Episodes(*(torch.cat([pad(getattr(p, f)) for p in parts], 1) for f in _TIME_MAJOR),
                     torch.cat([p.task for p in parts]))
 
 
@@ -98,30 +103,41 @@ class RolloutSampler:
         return self._vec
 
     @torch.no_grad()
-    def sample(self, params: Params, tasks: Sequence[Task], episodes_per_task: int, *, seed: int,
-               first_episode: int = 0) -> Episodes:
-        """``episodes_per_task`` episodes of each task (task-major order) under the policy ``params``."""
+    def sample(self, params: Params | Sequence[Params], tasks: Sequence[Task], episodes_per_task: int, *,
+               seed: int | tuple[int, ...], first_episode: int = 0) -> Episodes:
+        """``episodes_per_task`` episodes of each task (task-major order) under the policy ``params``, or
+        under ``params[k]`` for task ``k`` when given one policy per task (adapted policies)."""
         if not (isinstance(episodes_per_task, int) and episodes_per_task > 0):
             raise ValueError(f"rl.episodes_per_task: must be a positive integer, got {episodes_per_task!r}")
         if len(tasks) == 0:
             raise ValueError("rl.tasks: need at least one task")
+        per_task = not isinstance(params, dict)
+        if per_task and len(params) != len(tasks):
+            raise ValueError(f"rl.params: one policy per task needed, got {len(params)} for {len(tasks)} tasks")
         n = len(tasks) * episodes_per_task
-        dtype = next(iter(params.values())).dtype
+        dtype = next(iter((params[0] if per_task else params).values())).dtype
         vec = self._vector_env(n)
         for i, env in enumerate(vec.envs):
             env.unwrapped.set_task(tasks[i // episodes_per_task])
-        rngs = [np.random.default_rng([int(seed), first_episode + i]) for i in range(n)]
+        key = [int(seed)] if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
+        rngs = [np.random.default_rng([*key, first_episode + i]) for i in range(n)]
         reset_seeds = [int(r.integers(2**31)) for r in rngs]
         noise = torch.as_tensor(np.stack([
             r.standard_normal((self.horizon, *self.policy.noise_shape)) if self.policy.noise_shape
             else r.random(self.horizon) for r in rngs], 1), dtype=dtype)
         obs_np, _ = vec.reset(seed=reset_seeds)
         box = isinstance(self.action_space, gym.spaces.Box)
-        obs, actions, rewards, mask = [], [], [], []
+        obs, actions, rewards, mask, logp = [], [], [], [], []
         alive = np.ones(n, dtype=bool)
         for t in range(self.horizon):
             o = torch.tensor(obs_np, dtype=dtype)  # a copy: the vector env reuses its buffer
-            a = self.policy.act(params, o, noise[t])
+            if per_task:
+                groups = [slice(k * episodes_per_task, (k + 1) * episodes_per_task) for k in range(len(tasks))]
+                a = torch.cat([self.policy.act(p, o[g], noise[t, g]) for p, g in zip(params, groups)])
+                logp.append(torch.cat([self.policy.log_prob(p, o[g], a[g]) for p, g in zip(params, groups)]))
+            else:
+                a = self.policy.act(params, o, noise[t])
+                logp.append(self.policy.log_prob(params, o, a))
             a_np = a.numpy()
             if box:
                 a_np = np.clip(a_np, self.action_space.low, self.action_space.high).astype(self.action_space.dtype)
@@ -134,7 +150,8 @@ class RolloutSampler:
             if not alive.any():
                 break
         task = torch.arange(len(tasks)).repeat_interleave(episodes_per_task)
-        return Episodes(torch.stack(obs), torch.stack(actions), torch.stack(rewards), torch.stack(mask), task)
+        return Episodes(torch.stack(obs), torch.stack(actions), torch.stack(rewards), torch.stack(mask),
+                        torch.stack(logp), task)
 
     def close(self) -> None:
         if self._vec is not None:

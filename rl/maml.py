@@ -1,0 +1,176 @@
+"""MAML for RL with a VPG inner step and a TRPO outer step (Finn et al. 2017, MAML-RL).
+
+Per task ``τ``: ``φ_τ(θ) = θ + α ∇_θ S_τ(θ)`` with ``S_τ`` the DiCE surrogate of the per-step return on
+episodes of ``π_θ`` (``inner_steps`` > 1 reuses them through importance weights). The outer objective is
+the TRPO surrogate ``L(θ) = -mean_τ E[ρ_t A_t]`` on fresh episodes of the adapted policies, with
+``ρ_t = π_{φ_τ(θ)}(a_t|s_t) / π_{φ_τ(θ_old)}(a_t|s_t)``, maximized under ``mean_τ KL(π_{φ_τ(θ_old)} ‖
+π_{φ_τ(θ)}) ≤ δ``: natural-gradient direction by conjugate gradient on Fisher-vector products (HVPs of
+the KL, through the adaptation when second order), then a backtracking line search.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from bilevel_ray import tree
+from bilevel_ray.linalg import cg
+from bilevel_ray.rl.core import Task
+from bilevel_ray.rl.estimators import advantages, dice_surrogate
+from bilevel_ray.rl.policies import Params, Policy
+from bilevel_ray.rl.rollouts import Episodes, RolloutSampler
+
+__all__ = ["Adaptation", "adapt", "TaskBatch", "collect", "MAMLTRPOStep", "maml_trpo_step", "adapted_returns"]
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """The lower level: ``steps`` policy-gradient ascent steps of size ``lr`` on the per-step return,
+    discounting ``gamma`` and GAE ``lam`` (linear baseline, normalized advantages)."""
+
+    lr: float = 0.1
+    steps: int = 1
+    gamma: float = 0.99
+    lam: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"algorithm.inner_lr: must be > 0, got {self.lr!r}")
+        if not (isinstance(self.steps, int) and self.steps >= 1):
+            raise ValueError(f"algorithm.inner_steps: must be an integer >= 1, got {self.steps!r}")
+
+
+def _advantages(eps: Episodes, ad: Adaptation) -> Tensor:
+    return advantages(eps.obs, eps.rewards, eps.mask, gamma=ad.gamma, lam=ad.lam)
+
+
+def adapt(policy: Policy, params: Params, eps: Episodes, adv: Tensor, ad: Adaptation, *,
+          create_graph: bool = False) -> Params:
+    """``ad.steps`` ascent steps on the surrogate of ``eps``, importance-weighted by the policy that
+    sampled them (DiCE where ``params`` is that policy); with ``create_graph`` the result is
+    differentiable in ``params`` (second-order MAML, with DiCE's score-function terms)."""
+    horizon = eps.mask.shape[0]
+    behaviour = eps.log_probs
+    with torch.enable_grad():  # the inner gradient is needed even where the caller disables autograd
+        cur = params
+        for _ in range(ad.steps):
+            names = list(cur)
+            if not create_graph:
+                cur = {k: v.detach().requires_grad_(True) for k, v in cur.items()}
+            else:  # constants (no graph) become leaves so the inner gradient exists
+                cur = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in cur.items()}
+            logp = policy.log_prob(cur, eps.obs, eps.actions)
+            surrogate = dice_surrogate(logp, adv, eps.mask, behaviour) / horizon
+            grads = torch.autograd.grad(surrogate, [cur[k] for k in names], create_graph=create_graph)
+            cur = {k: cur[k] + ad.lr * g for k, g in zip(names, grads)}
+    return cur if create_graph else {k: v.detach() for k, v in cur.items()}
+
+
+class TaskBatch(NamedTuple):
+    """One task's data for a meta-step: episodes before (``train``) and after (``valid``) adaptation,
+    their advantages, and the adapted policy that sampled ``valid``."""
+
+    train: Episodes
+    train_adv: Tensor
+    valid: Episodes
+    valid_adv: Tensor
+    adapted: Params
+
+
+def collect(policy: Policy, sampler: RolloutSampler, params: Params, tasks: Sequence[Task], episodes: int,
+            ad: Adaptation, *, seed: int) -> list[TaskBatch]:
+    """Sample ``episodes`` per task with ``params``, adapt per task, sample again with the adapted
+    policies. Seeds: ``(seed, 0)`` before, ``(seed, 1)`` after adaptation."""
+    train = sampler.sample(params, tasks, episodes, seed=(seed, 0))
+    per_task = [train.of_task(k) for k in range(len(tasks))]
+    train_adv = [_advantages(e, ad) for e in per_task]
+    adapted = [adapt(policy, params, e, a, ad) for e, a in zip(per_task, train_adv)]
+    valid = sampler.sample(adapted, tasks, episodes, seed=(seed, 1))
+    out = []
+    for k, (e, a, p) in enumerate(zip(per_task, train_adv, adapted)):
+        v = valid.of_task(k)
+        out.append(TaskBatch(e, a, v, _advantages(v, ad), p))
+    return out
+
+
+class MAMLTRPOStep(NamedTuple):
+    params: Params
+    pre_return: float
+    post_return: float
+    kl: float
+    accepted: bool
+    env_steps: int
+
+
+def _outer(policy: Policy, params: Params, batches: Sequence[TaskBatch], ad: Adaptation, *,
+           order: int) -> tuple[Tensor, Tensor]:
+    """``(L(θ), mean KL)`` over the tasks, differentiable in ``params``: through the adaptation
+    (``order=2``), or with its Jacobian taken as the identity (``order=1``, first-order MAML)."""
+    losses, kls = [], []
+    for b in batches:
+        phi = adapt(policy, params, b.train, b.train_adv, ad, create_graph=order == 2)
+        if order == 1:
+            phi = {k: params[k] + (phi[k] - params[k].detach()) for k in phi}
+        v = b.valid
+        n = v.mask.sum()
+        old = policy.log_prob(b.adapted, v.obs, v.actions).detach()
+        ratio = torch.exp(policy.log_prob(phi, v.obs, v.actions) - old)
+        losses.append(-(ratio * b.valid_adv * v.mask).sum() / n)
+        kls.append((policy.kl(b.adapted, phi, v.obs) * v.mask).sum() / n)
+    return torch.stack(losses).mean(), torch.stack(kls).mean()
+
+
+def maml_trpo_step(policy: Policy, sampler: RolloutSampler, params: Params, tasks: Sequence[Task], *,
+                   episodes: int, ad: Adaptation, seed: int, first_order: bool = False, max_kl: float = 0.01,
+                   cg_iters: int = 10, cg_damping: float = 1e-5, ls_steps: int = 15,
+                   ls_backtrack: float = 0.8) -> MAMLTRPOStep:
+    """One meta-iteration of MAML-TRPO on ``tasks``; returns the new (detached) parameters."""
+    batches = collect(policy, sampler, params, tasks, episodes, ad, seed=seed)
+    names = list(params)
+    theta = {k: params[k].detach().requires_grad_(True) for k in names}
+    leaves = [theta[k] for k in names]
+    loss, kl = _outer(policy, theta, batches, ad, order=1 if first_order else 2)
+    g = tree.flatten(list(torch.autograd.grad(loss, leaves, retain_graph=True)))
+    kl_grad = tree.flatten(list(torch.autograd.grad(kl, leaves, create_graph=True)))
+
+    def fisher(v: Tensor) -> Tensor:
+        return tree.flatten(list(torch.autograd.grad(kl_grad @ v, leaves, retain_graph=True))) + cg_damping * v
+
+    direction = cg(fisher, g.detach(), torch.zeros_like(g), cg_iters)
+    shs = 0.5 * torch.dot(direction, fisher(direction)).detach()
+    step = direction / torch.sqrt(shs / max_kl).clamp_min(1e-12)
+    flat = tree.flatten([params[k].detach() for k in names])
+    new, accepted, new_kl = params, False, 0.0
+    for k in range(ls_steps):
+        cand = tree.unflatten_like(flat - ls_backtrack ** k * step, [params[n] for n in names])
+        cand = dict(zip(names, cand))
+        with torch.no_grad():  # the adaptation takes its own inner gradient
+            cand_loss, cand_kl = _outer(policy, cand, batches, ad, order=1)
+        if float(cand_loss) < float(loss.detach()) and float(cand_kl) < max_kl:
+            new, accepted, new_kl = {n: t.detach() for n, t in cand.items()}, True, float(cand_kl)
+            break
+    pre = torch.cat([b.train.returns for b in batches]).mean()
+    post = torch.cat([b.valid.returns for b in batches]).mean()
+    steps = sum(b.train.steps + b.valid.steps for b in batches)
+    return MAMLTRPOStep({k: v.detach() for k, v in new.items()}, float(pre), float(post), new_kl, accepted, steps)
+
+
+def adapted_returns(policy: Policy, sampler: RolloutSampler, params: Params, tasks: Sequence[Task], *,
+                    episodes: int, ad: Adaptation, seed: int) -> tuple[Tensor, Tensor]:
+    """Per-task mean return before and after adapting ``params`` to each task, ``(len(tasks),)`` each."""
+    batches = collect(policy, sampler, params, tasks, episodes, ad, seed=seed)
+    pre = torch.stack([b.train.returns.mean() for b in batches])
+    post = torch.stack([b.valid.returns.mean() for b in batches])
+    return pre, post
+
+
+def mean_ci95(values: Tensor) -> tuple[float, float]:
+    """Mean and the half-width of its normal 95% interval."""
+    values = values.double()
+    n = values.numel()
+    half = 1.96 * float(values.std()) / math.sqrt(n) if n > 1 else float("nan")
+    return float(values.mean()), half
