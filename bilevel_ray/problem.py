@@ -18,7 +18,8 @@ from bilevel_ray.tree import PyTree
 
 Batch = Any
 
-__all__ = ["Batch", "BilevelProblem", "Sampler", "FiniteSampler", "AgentRNGs", "rng_for", "check_problem"]
+__all__ = ["Batch", "BilevelProblem", "Sampler", "FiniteSampler", "AgentRNGs", "rng_for", "check_problem", "bind",
+           "bind_at"]
 
 
 class AgentRNGs(NamedTuple):
@@ -124,6 +125,20 @@ class BilevelProblem(Protocol):
         """Initial ``(x, y)``."""
 
 
+def bind(problem: Any, state: Any) -> Any:
+    """The problem an algorithm step on ``state`` sees. On-policy problems (meta-RL: the data are rollouts
+    of the current lower-level policies) define ``at(x, y, *, step, rank)`` returning a problem whose
+    samplers draw with that iterate; every other problem is returned as is. Backends bind before each
+    step; call it yourself when stepping an algorithm by hand."""
+    return bind_at(problem, state.x, state.y, step=state.t, rank=state.rank)
+
+
+def bind_at(problem: Any, x: Any, y: Any, *, step: int = 0, rank: int | tuple[int, ...] = 0) -> Any:
+    """:func:`bind` at an iterate rather than a state (``algorithm.init`` sees ``bind_at(problem, x, y)``)."""
+    at = getattr(problem, "at", None)
+    return problem if at is None else at(x, y, step=step, rank=rank)
+
+
 def check_problem(problem: Any, *, seed: int = 0) -> None:
     """Check a user problem against the protocol; raise ``TypeError`` naming the first defect."""
     for name in ("f", "g", "init"):
@@ -134,6 +149,7 @@ def check_problem(problem: Any, *, seed: int = 0) -> None:
         if not isinstance(s, Sampler):
             raise TypeError(f"problem.{name}: must be a Sampler (num_batches, sample(rng), full())")
     x, y = problem.init(seed=seed)
+    problem = bind_at(problem, x, y)
     rng = np.random.default_rng(seed)
     for name, sampler in (("f", problem.outer), ("g", problem.inner)):
         _, batch = sampler.sample(rng)

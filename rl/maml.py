@@ -12,19 +12,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
 from bilevel_ray import tree
+from bilevel_ray.algorithms.base import Calls, Hyperparams, Mix, identity_mix, register
 from bilevel_ray.linalg import cg
+from bilevel_ray.params import hp
+from bilevel_ray.problem import rng_for
 from bilevel_ray.rl.core import Task
 from bilevel_ray.rl.estimators import advantages, dice_surrogate
 from bilevel_ray.rl.policies import Params, Policy
 from bilevel_ray.rl.rollouts import Episodes, RolloutSampler
 
-__all__ = ["Adaptation", "adapt", "TaskBatch", "collect", "MAMLTRPOStep", "maml_trpo_step", "adapted_returns"]
+__all__ = ["Adaptation", "adapt", "TaskBatch", "collect", "MAMLTRPOStep", "maml_trpo_step", "adapted_returns",
+           "mean_ci95", "MAMLTRPO", "MAMLTRPOState"]
 
 
 @dataclass(frozen=True)
@@ -174,3 +178,49 @@ def mean_ci95(values: Tensor) -> tuple[float, float]:
     n = values.numel()
     half = 1.96 * float(values.std()) / math.sqrt(n) if n > 1 else float("nan")
     return float(values.mean()), half
+
+
+class MAMLTRPOState(NamedTuple):
+    x: Params
+    y: Any
+    t: int
+    seed: int
+    rank: int
+    calls: Calls
+
+
+@register("maml_trpo")
+@dataclass(frozen=True)
+class MAMLTRPO(Hyperparams):
+    """MAML-TRPO as a registered algorithm for the ``meta_rl`` task: ``x`` is the meta-policy; ``y`` (the
+    proximal form's per-task policies) is carried unchanged. Each step draws ``task.meta_batch`` of the
+    agent's training tasks; with several agents (Ray backend) ``x`` is gossiped after the TRPO step."""
+
+    inner_lr: float = hp(0.1, low=0, doc="α, VPG step of the adaptation")
+    inner_steps: int = hp(1, low=1, strict=False, doc="adaptation steps (reusing the episodes)")
+    first_order: bool = hp(False, doc="drop the adaptation's Jacobian (FOMAML)")
+    max_kl: float = hp(0.01, low=0, doc="δ, TRPO trust region")
+    cg_iters: int = hp(10, low=1, strict=False, doc="conjugate-gradient iterations")
+    cg_damping: float = hp(1e-5, low=0, strict=False, doc="added to the Fisher-vector products")
+    ls_steps: int = hp(15, low=1, strict=False, doc="backtracking line-search steps")
+    ls_backtrack: float = hp(0.8, low=0, high=1, doc="line-search shrink factor")
+
+    def init(self, problem: Any, x: Any, y: Any, *, seed: int = 0, rank: int = 0) -> MAMLTRPOState:
+        if not hasattr(problem, "meta_rl") and not hasattr(problem, "train"):
+            raise ValueError("algorithm.name: maml_trpo needs a meta-RL task (task.name: meta_rl)")
+        if isinstance(rank, tuple):
+            raise ValueError("algorithm.name: maml_trpo runs one agent per process; use decentralized.backend: ray")
+        return MAMLTRPOState(tree.detach(x), tree.detach(y), 0, seed, rank, Calls())
+
+    def step(self, s: MAMLTRPOState, problem: Any, mix: Mix = identity_mix) -> MAMLTRPOState:
+        task = getattr(problem, "meta_rl", problem)
+        index = getattr(problem, "task_indices", task.inner)
+        rng = rng_for(s.seed, s.rank, s.t)
+        _, idx = index.sample(rng)
+        ad = Adaptation(self.inner_lr, self.inner_steps, task.gamma, task.gae_lambda)
+        out = maml_trpo_step(task.policy, task.sampler, s.x, [task.train[k] for k in idx], episodes=task.episodes,
+                             ad=ad, seed=int(rng.integers(2**62)), first_order=self.first_order, max_kl=self.max_kl,
+                             cg_iters=self.cg_iters, cg_damping=self.cg_damping, ls_steps=self.ls_steps,
+                             ls_backtrack=self.ls_backtrack)
+        calls = s.calls.add(grad_g=len(idx) * self.inner_steps, grad_f=1, hvp=self.cg_iters + 1)
+        return MAMLTRPOState(tree.detach(mix(out.params)), s.y, s.t + 1, s.seed, s.rank, calls)

@@ -78,7 +78,11 @@ class GaussianMLPPolicy:
         return Independent(Normal(mean, params["log_std"].exp().expand_as(mean)), 1)
 
     def log_prob(self, params: Params, obs: Tensor, actions: Tensor) -> Tensor:
-        return self.distribution(params, obs).log_prob(actions)
+        """Written out (no ``torch.distributions`` argument checks), so it runs under ``torch.func``."""
+        mean = _mlp(params, obs, len(self.hidden) + 1)
+        log_std = params["log_std"]
+        z = (actions - mean) * torch.exp(-log_std)
+        return -0.5 * (z * z).sum(-1) - log_std.sum() - 0.5 * self.act_dim * math.log(2 * math.pi)
 
     def act(self, params: Params, obs: Tensor, noise: Tensor) -> Tensor:
         """``mean + std · noise`` with ``noise`` standard normal of shape ``(..., act_dim)``."""
@@ -112,7 +116,8 @@ class CategoricalMLPPolicy:
         return Categorical(logits=_mlp(params, obs, len(self.hidden) + 1))
 
     def log_prob(self, params: Params, obs: Tensor, actions: Tensor) -> Tensor:
-        return self.distribution(params, obs).log_prob(actions)
+        logits = torch.log_softmax(_mlp(params, obs, len(self.hidden) + 1), -1)
+        return logits.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
 
     def act(self, params: Params, obs: Tensor, noise: Tensor) -> Tensor:
         """Inverse-CDF sampling with ``noise`` uniform in [0, 1) of shape ``(...)``."""

@@ -20,6 +20,7 @@ _BUILTIN = {
     "hypercleaning": "bilevel_ray.tasks.hypercleaning:HyperCleaningTask",
     "nonconvex_pl": "bilevel_ray.tasks.pl:NonconvexPLTask",
     "omniglot": "bilevel_ray.tasks.vision.hyperrep:OmniglotTask",
+    "meta_rl": "bilevel_ray.rl.problem:MetaRLTask",
 }
 
 

@@ -67,7 +67,8 @@ def decay(lr0: float, t: int, power: float) -> float:
     return lr0 / (t + 1) ** power
 
 
-REGISTRY = Registry("algorithm", "algorithm")
+# meta-RL's MAML-TRPO lives with the RL code (it imports gymnasium), imported on first use
+REGISTRY = Registry("algorithm", "algorithm", lazy={"maml_trpo": "bilevel_ray.rl.maml:MAMLTRPO"})
 register = REGISTRY.register
 available = REGISTRY.available
 get = REGISTRY.get

@@ -12,6 +12,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from bilevel_ray import tree
+from bilevel_ray.problem import bind, bind_at
 
 __all__ = ["AgentFailure", "SingleBackend", "make_backend", "connect_ray", "average", "consensus_error"]
 
@@ -30,13 +31,14 @@ class SingleBackend:
 
     def __init__(self, algo: Any, task: Any, *, seed: int):
         self.algo, self.task = algo, task
-        self.state = algo.init(task, *task.init(seed=seed), seed=seed, rank=0)
+        x, y = task.init(seed=seed)
+        self.state = algo.init(bind_at(task, x, y), x, y, seed=seed, rank=0)
         self.bytes_last_round = 0
         self.latency_last_round = 0.0
 
     def step(self) -> None:
         start = time.perf_counter()
-        self.state = self.algo.step(self.state, self.task)
+        self.state = self.algo.step(self.state, bind(self.task, self.state))
         self.latency_last_round = time.perf_counter() - start
 
     def states(self) -> list[Any]:

@@ -71,6 +71,11 @@ class AgentProblem:
     def init(self, *, seed: int = 0):
         return self.task.init(seed=seed)
 
+    def __getattr__(self, name: str) -> Any:
+        if name == "at" and callable(getattr(self.task, "at", None)):  # on-policy tasks, on this agent's shares
+            return lambda x, y, *, step, rank: self.task.at(x, y, step=step, rank=rank, inner=self.inner, outer=self.outer)
+        raise AttributeError(name)
+
 
 def _shard(sampler: FiniteSampler, n_agents: int, split: str, label_column: int | None, alpha: float,
            seed: int) -> list[FiniteSampler]:
@@ -156,6 +161,15 @@ class StackedProblem:
 
     def g(self, x: PyTree, y: PyTree, batches: tuple[Batch, ...]) -> torch.Tensor:
         return self._sum("g", x, y, batches)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "at" and callable(getattr(self.agents[0], "at", None)):  # on-policy: bind every agent
+            return self._at
+        raise AttributeError(name)
+
+    def _at(self, x: PyTree, y: PyTree, *, step: int, rank: tuple[int, ...]) -> "StackedProblem":
+        return StackedProblem([a.at(tree_map(lambda t: t[i], x), tree_map(lambda t: t[i], y), step=step, rank=r)
+                               for i, (a, r) in enumerate(zip(self.agents, rank))])
 
     def init(self, *, seed: int = 0):
         x, y = self.agents[0].init(seed=seed)

@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from bilevel_ray.decentralized.backends import AgentFailure
 from bilevel_ray.decentralized.data import AgentProblem
 from bilevel_ray.decentralized.transport import Transport, shm_dir
+from bilevel_ray.problem import bind, bind_at
 from bilevel_ray.tree import PyTree
 
 __all__ = ["RayBackend", "AgentWorker"]
@@ -40,7 +41,7 @@ class AgentWorker:
         self.algo, self.problem, self.rank, self.n = algo, problem, rank, n
         self.mixing_at = mixing_at
         x, y = problem.init(seed=seed)
-        self.state = algo.init(problem, x, y, seed=seed, rank=rank)
+        self.state = algo.init(bind_at(problem, x, y, rank=rank), x, y, seed=seed, rank=rank)
         self.transport = Transport(name, rank, transport)
         self.gossip_round = 0
 
@@ -89,7 +90,7 @@ class AgentWorker:
         tr = self.transport
         start, sent, shared = time.perf_counter(), tr.bytes_sent, tr.bytes_shared
         w = np.asarray(self.mixing_at(self.state.t), dtype=np.float64)
-        self.state = self.algo.step(self.state, self.problem, self._mix(w[self.rank]))
+        self.state = self.algo.step(self.state, bind(self.problem, self.state), self._mix(w[self.rank]))
         return {"bytes": tr.bytes_sent - sent, "shared": tr.bytes_shared - shared,
                 "seconds": time.perf_counter() - start}
 

@@ -18,6 +18,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from bilevel_ray.decentralized.data import AgentProblem, StackedProblem, stack, unstack
+from bilevel_ray.problem import bind, bind_at
 from bilevel_ray.tree import PyTree
 
 __all__ = ["MatrixMix", "SimBackend", "refusal"]
@@ -60,14 +61,15 @@ class SimBackend:
         self.problem = StackedProblem(agents)
         self.mixing_at = mixing_at
         x, y = self.problem.init(seed=seed)
-        self.state = algo.init(self.problem, x, y, seed=seed, rank=tuple(range(self.n)))
+        ranks = tuple(range(self.n))
+        self.state = algo.init(bind_at(self.problem, x, y, rank=ranks), x, y, seed=seed, rank=ranks)
         self.bytes_last_round = 0
         self.latency_last_round = 0.0
 
     def step(self) -> None:
         start = time.perf_counter()
         mix = MatrixMix(self.mixing_at(self.state.t))
-        self.state = self.algo.step(self.state, self.problem, mix)
+        self.state = self.algo.step(self.state, bind(self.problem, self.state), mix)
         self.bytes_last_round = mix.bytes
         self.latency_last_round = time.perf_counter() - start
 

@@ -1,0 +1,87 @@
+"""The proximal meta-RL problem (task ``meta_rl``): its implicit hypergradient, agents' task shares,
+bad settings, and the CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bilevel_ray import oracles, tree
+from bilevel_ray.problem import bind_at
+from bilevel_ray.tasks import make_task
+
+SMALL = dict(train_tasks=2, meta_batch=2, episodes=3, horizon=6, width=3, depth=1, eval_tasks=2, eval_episodes=2)
+
+
+def test_implicit_hypergradient_matches_finite_differences_of_the_solved_problem():
+    """On fixed rollouts (float64), ∇_x f − ∇²_xy g [∇²_yy g]⁻¹ ∇_y f at the exact y*(x) (Newton on the
+    dense Hessian) equals central differences of x ↦ f(x, y*(x))."""
+    task = make_task("meta_rl", **SMALL, dtype="float64")
+    x, y = task.init(seed=0)
+    bound = bind_at(task, x, y)
+    rng = np.random.default_rng(0)
+    _, bi = bound.inner.sample(rng)
+    _, bo = bound.outer.sample(rng)
+
+    def solve(x_):
+        y_ = y
+        for _ in range(30):
+            grad = tree.flatten(oracles.grad_y(task.g, x_, y_, bi))
+            hess = oracles.hessian_yy(task.g, x_, y_, bi)
+            y_ = tree.unflatten_like(tree.flatten(y_) - torch.linalg.solve(hess, grad), y_)
+        assert tree.norm(oracles.grad_y(task.g, x_, y_, bi)) < 1e-10
+        return y_
+
+    ys = solve(x)
+    hess = oracles.hessian_yy(task.g, x, ys, bi)
+    assert torch.linalg.eigvalsh(hess).min() > 0  # strongly convex at the solution
+    fx, fy = oracles.grad_xy(task.f, x, ys, bo)
+    v = tree.unflatten_like(torch.linalg.solve(hess, tree.flatten(fy)), ys)
+    hypergrad = tree.flatten(tree.sub(fx, oracles.cross(task.g, x, ys, v, bi)))
+    u = torch.randn(hypergrad.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    h = 1e-5
+
+    def value(sign):
+        xs = tree.unflatten_like(tree.flatten(x) + sign * h * u, x)
+        return task.f(xs, solve(xs), bo)
+
+    fd = (value(1) - value(-1)) / (2 * h)
+    assert float(hypergrad @ u) == pytest.approx(float(fd), rel=1e-5)
+    assert abs(float(fd)) > 1e-4
+
+
+def test_agents_own_disjoint_task_shares_and_the_proximal_term_covers_them():
+    task = make_task("meta_rl", **{**SMALL, "train_tasks": 6, "meta_batch": 2})
+    shares = task.shard(3, seed=0)
+    owned = [set(inner.indices) for inner, _ in shares]
+    assert set().union(*owned) == set(range(6)) and sum(map(len, owned)) == 6
+    x, y = task.init(seed=0)
+    bound = task.at(x, y, step=0, rank=1, inner=shares[1][0], outer=shares[1][1])
+    _, batch = bound.inner.sample(np.random.default_rng(0))
+    assert set(batch.indices) <= owned[1] and batch.among == tuple(sorted(owned[1]))
+    # rows the agent does not own get no gradient from its g
+    gy = oracles.grad_y(task.g, x, tree.tree_map(lambda t: t + 0.1, y), batch)
+    rows = gy["layer0.weight"].flatten(1).norm(dim=1)
+    assert all((rows[k] > 0) == (k in owned[1]) for k in range(6))
+    with pytest.raises(ValueError, match="decentralized.agents: 7 agents need at least 7 task.train_tasks"):
+        task.shard(7)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("env", "Nope-v0", "env.id: unknown environment"),
+    ("meta_batch", 0, "task.meta_batch: must be >= 1"),
+    ("gamma", 1.5, "task.gamma: must be <= 1"),
+    ("dtype", "float16", "task.dtype: must be one of"),
+])
+def test_bad_settings_are_refused_by_name(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        make_task("meta_rl", **{**SMALL, field: value})
+
+
+def test_objectives_refuse_unbound_batches():
+    task = make_task("meta_rl", **SMALL)
+    x, y = task.init(seed=0)
+    _, idx = task.inner.sample(np.random.default_rng(0))
+    with pytest.raises(TypeError, match="meta_rl: objectives need rollouts; step on bilevel_ray.problem.bind"):
+        task.f(x, y, idx)
