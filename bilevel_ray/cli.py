@@ -66,9 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--out", metavar="DIR", help="experiment folder (default: tune.storage/tune.name, "
                                                    "i.e. runs/tune/<config stem>)")
     tune.add_argument("--address", metavar="ADDR", help="Ray cluster to sweep on (decentralized.address)")
-    ev = sub.add_parser("eval", help="few-shot accuracy of a saved learner", description=(
+    ev = sub.add_parser("eval", help="adapt a saved learner or meta-policy to new tasks", description=(
         "Adapt a saved few-shot learner (a run's learner.pt) to TASKS random N-way K-shot Omniglot tasks "
-        "and report the mean query accuracy with its 95%% interval."))
+        "and report the mean query accuracy with its 95%% interval; or adapt a saved meta-policy (a meta_rl "
+        "run's learner.pt) to TASKS new tasks of its environment and report the mean return before and after "
+        "adaptation with 95%% intervals."))
     ev.add_argument("checkpoint", help="learner checkpoint (learner.pt)")
     ev.add_argument("--split", default="images_background_small2", help="Omniglot split to test on")
     ev.add_argument("--root", help="folder holding the Omniglot zips (default: search, see README)")
@@ -77,8 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--ways", type=int, default=5)
     ev.add_argument("--shots", type=int, default=1)
     ev.add_argument("--queries", type=int, default=15, help="query images per class")
-    ev.add_argument("--tasks", type=int, default=600)
+    ev.add_argument("--tasks", type=int, help="tasks to adapt to (default: 600 few-shot, 100 meta-RL)")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--episodes", type=int, default=10, help="meta-RL: episodes per task and adaptation step")
+    ev.add_argument("--adapt-steps", type=int, help="meta-RL: adaptation steps (default: the run's task.adapt_steps)")
+    ev.add_argument("--video", metavar="GIF", help="meta-RL: write an animated GIF of adapted episodes "
+                                                   "(environments with rgb_array rendering, e.g. 2-D navigation)")
     sub.add_parser("list", help="list algorithms and tasks with their parameters")
     return parser
 
@@ -89,6 +95,50 @@ def _error(message: str, code: int) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from bilevel_ray.rl.metapolicy import is_meta_policy
+
+    path = Path(args.checkpoint)
+    if not path.is_file():
+        return _error(f"checkpoint: {path} does not exist", 2)
+    try:
+        payload = torch.load(path, weights_only=True)
+    except Exception:  # not a weights-only file: the few-shot loader reports what it is not
+        payload = None
+    if is_meta_policy(payload):
+        return _eval_rl(args)
+    args.tasks = 600 if args.tasks is None else args.tasks
+    return _eval_fewshot(args)
+
+
+def _eval_rl(args: argparse.Namespace) -> int:
+    from bilevel_ray.meta.fewshot import mean_ci95
+    from bilevel_ray.rl.metapolicy import load_meta_policy
+
+    try:
+        policy = load_meta_policy(args.checkpoint)
+        tasks = 100 if args.tasks is None else args.tasks
+        returns = policy.evaluate(tasks=tasks, episodes=args.episodes, adapt_steps=args.adapt_steps, seed=args.seed)
+        if args.video:
+            from bilevel_ray.rl.video import write_adaptation_gif
+
+            write_adaptation_gif(policy, args.video, seed=args.seed)
+    except (ValueError, FileNotFoundError) as e:
+        return _error(str(e), 2)
+    steps = returns.shape[0] - 1
+    pre, pre_half = mean_ci95(returns[0].numpy())
+    post, post_half = mean_ci95(returns[-1].numpy())
+    gain, gain_half = mean_ci95((returns[-1] - returns[0]).numpy())
+    print(f"{policy.env}: {tasks} new tasks, {args.episodes} episodes each; mean return before adaptation "
+          f"{pre:.2f} ± {pre_half:.2f}, after {steps} step{'s' * (steps != 1)} {post:.2f} ± {post_half:.2f}, "
+          f"gain {gain:.2f} ± {gain_half:.2f} (95% intervals)")
+    if args.video:
+        print(f"video: {args.video}")
+    return 0
+
+
+def _eval_fewshot(args: argparse.Namespace) -> int:
     from bilevel_ray.meta import evaluate, load
     from bilevel_ray.tasks.vision.episodes import ClassPool, EpisodeSampler
     from bilevel_ray.tasks.vision.omniglot import load_omniglot

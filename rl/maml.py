@@ -10,7 +10,6 @@ the KL, through the adaptation when second order), then a backtracking line sear
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
 
@@ -28,7 +27,7 @@ from bilevel_ray.rl.policies import Params, Policy
 from bilevel_ray.rl.rollouts import Episodes, RolloutSampler
 
 __all__ = ["Adaptation", "adapt", "TaskBatch", "collect", "MAMLTRPOStep", "maml_trpo_step", "adapted_returns",
-           "mean_ci95", "MAMLTRPO", "MAMLTRPOState"]
+           "MAMLTRPO", "MAMLTRPOState"]
 
 
 @dataclass(frozen=True)
@@ -170,14 +169,6 @@ def adapted_returns(policy: Policy, sampler: RolloutSampler, params: Params, tas
     pre = torch.stack([b.train.returns.mean() for b in batches])
     post = torch.stack([b.valid.returns.mean() for b in batches])
     return pre, post
-
-
-def mean_ci95(values: Tensor) -> tuple[float, float]:
-    """Mean and the half-width of its normal 95% interval."""
-    values = values.double()
-    n = values.numel()
-    half = 1.96 * float(values.std()) / math.sqrt(n) if n > 1 else float("nan")
-    return float(values.mean()), half
 
 
 class MAMLTRPOState(NamedTuple):

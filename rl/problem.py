@@ -214,12 +214,20 @@ class MetaRLTask(Task):
         parts = [tuple(sorted(int(k) for k in part)) for part in np.array_split(order, n_agents)]
         return [(TaskIndexSampler(p, self.meta_batch), TaskIndexSampler(p, self.meta_batch)) for p in parts]
 
+    def learner(self, x: PyTree, y: PyTree) -> Any:
+        """The deployable meta-policy ``x`` (saved by runs as ``learner.pt``; ``bilevel-ray eval`` adapts it)."""
+        from bilevel_ray.rl.metapolicy import MetaPolicy
+
+        return MetaPolicy(self.env, self.sampler.horizon, self.hidden, {k: v.detach() for k, v in x.items()},
+                          self.reg, self.adapt_steps, self.gamma, self.gae_lambda)
+
     def metrics(self, x: PyTree, y: PyTree) -> dict[str, float]:
         """On the fixed held-out tasks: mean return of ``x`` before (``pre_return``) and after
         (``post_return``) ``adapt_steps`` proximal steps; ``outer_objective = -post_return / H``;
         ``lower_return``: the lower-level policies on their first ``eval_tasks`` training tasks."""
-        returns = proximal_adapt(self, x, self.held_out, steps=self.adapt_steps, episodes=self.eval_episodes,
-                                 seed=(self.seed, 7))
+        returns, _ = proximal_adapt(self.sampler, x, self.held_out, steps=self.adapt_steps, reg=self.reg,
+                                    episodes=self.eval_episodes, gamma=self.gamma, lam=self.gae_lambda,
+                                    seed=(self.seed, 7))
         lower = self.rollouts(y, range(min(self.eval_tasks, self.train_tasks)), seed=self.seed + 11)
         horizon = self.sampler.horizon
         post = float(returns[-1].mean())
@@ -227,15 +235,15 @@ class MetaRLTask(Task):
                 "lower_return": float(torch.cat([e.returns for e in lower.episodes]).mean())}
 
 
-def proximal_adapt(task: MetaRLTask, x: PyTree, tasks: Sequence[dict], *, steps: int, episodes: int,
-                   seed: int | tuple[int, ...]) -> Tensor:
+def proximal_adapt(sampler: Any, x: PyTree, tasks: Sequence[dict], *, steps: int, reg: float, episodes: int,
+                   gamma: float, lam: float, seed: int | tuple[int, ...]) -> tuple[Tensor, list[dict[str, Tensor]]]:
     """Adapt ``x`` to each of ``tasks`` by ``steps`` gradient steps of size ``1/reg`` on the lower
     objective ``-J/H + reg/2‖φ - x‖²``, fresh episodes each step (one step is MAML's VPG step of size
-    ``1/reg``). Returns the per-task mean returns before each step and after the last, ``(steps + 1, n)``."""
-    from bilevel_ray.rl.estimators import dice_surrogate
+    ``1/reg``). Returns the per-task mean returns before each step and after the last, ``(steps + 1, n)``,
+    and the adapted policies."""
+    from bilevel_ray.rl.estimators import advantages, dice_surrogate
 
-    policy, sampler = task.policy, task.sampler
-    lr = 1.0 / task.reg
+    policy = sampler.policy
     phis = [dict(x) for _ in tasks]
     out = []
     for s in range(steps + 1):
@@ -246,12 +254,12 @@ def proximal_adapt(task: MetaRLTask, x: PyTree, tasks: Sequence[dict], *, steps:
         new = []
         for k, phi in enumerate(phis):
             e = eps.of_task(k)
+            adv = advantages(e.obs, e.rewards, e.mask, gamma=gamma, lam=lam)
             leaves = {n: t.detach().requires_grad_(True) for n, t in phi.items()}
             with torch.enable_grad():
-                sur = dice_surrogate(policy.log_prob(leaves, e.obs, e.actions), task._advantages(e), e.mask,
-                                     e.log_probs) / e.mask.shape[0]
-                obj = sur - 0.5 * task.reg * sum(((leaves[n] - x[n].detach()) ** 2).sum() for n in leaves)
+                sur = dice_surrogate(policy.log_prob(leaves, e.obs, e.actions), adv, e.mask, e.log_probs) / e.mask.shape[0]
+                obj = sur - 0.5 * reg * sum(((leaves[n] - x[n].detach()) ** 2).sum() for n in leaves)
                 grads = torch.autograd.grad(obj, list(leaves.values()))
-            new.append({n: (leaves[n] + lr * gr).detach() for n, gr in zip(leaves, grads)})
+            new.append({n: (leaves[n] + gr / reg).detach() for n, gr in zip(leaves, grads)})
         phis = new
-    return torch.stack(out)
+    return torch.stack(out), phis

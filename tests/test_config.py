@@ -7,7 +7,7 @@ import yaml
 
 from bilevel_ray.config import ConfigError, RunConfig, apply_overrides, from_dict, load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 TINY = {
     "task": {"name": "quadratic", "dim_x": 2, "dim_y": 3, "n_inner": 32, "n_outer": 32, "batch_size": 8},
     "algorithm": {"name": "soba", "inner_lr": 0.5, "outer_lr": 0.1},

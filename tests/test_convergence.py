@@ -42,7 +42,8 @@ def run(algo, task, steps, seed=0):
 
 
 def test_every_registered_algorithm_has_a_setting():
-    assert set(SETTINGS) == set(A.available())
+    # maml_trpo adapts policies by rollouts: it needs a meta_rl task (tests/test_rl_maml.py)
+    assert set(SETTINGS) == set(A.available()) - {"maml_trpo"}
 
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))

@@ -175,7 +175,7 @@ def test_dsbo_two_steps(task, name):
 def test_step_is_pure(task):
     """Stepping twice from the same state gives the same result and leaves the state unchanged."""
     for name in A.available():
-        if name == "saba":  # tables are donated, see its docstring
+        if name in ("saba", "maml_trpo"):  # SABA donates its tables; MAML-TRPO needs a meta_rl task
             continue
         algo = A.make(name)
         x, y, s = start(task, algo)

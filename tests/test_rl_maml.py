@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from bilevel_ray import tree
-from bilevel_ray.rl.maml import Adaptation, _outer, adapted_returns, collect, maml_trpo_step, mean_ci95
+from bilevel_ray.meta.fewshot import mean_ci95
+from bilevel_ray.rl.maml import Adaptation, _outer, adapted_returns, collect, maml_trpo_step
 from bilevel_ray.rl.rollouts import RolloutSampler
 
 
@@ -59,6 +60,6 @@ def test_short_maml_trpo_run_on_navigation_raises_post_adaptation_return():
         assert step.accepted and 0 < step.kl < 0.01 and step.env_steps == 2 * 8 * 10 * 100
         params = step.params
     pre, post = adapted_returns(policy, sampler, params, held_out, episodes=10, ad=ad, seed=5)
-    gain, half = mean_ci95(post - pre)
+    gain, half = mean_ci95((post - pre).numpy())
     assert gain > 2.0 and gain - half > 0, (gain, half)
     assert float(pre.mean()) > float(pre0.mean()) + 10

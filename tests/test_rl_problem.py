@@ -85,3 +85,33 @@ def test_objectives_refuse_unbound_batches():
     _, idx = task.inner.sample(np.random.default_rng(0))
     with pytest.raises(TypeError, match="meta_rl: objectives need rollouts; step on bilevel_ray.problem.bind"):
         task.f(x, y, idx)
+
+
+def test_cli_runs_meta_rl_and_evaluates_the_saved_meta_policy(tmp_path, capsys):
+    import yaml
+
+    from bilevel_ray.cli import main
+
+    cfg = {"task": {"name": "meta_rl", **SMALL, "horizon": 20, "train_tasks": 4},
+           "algorithm": {"name": "maml_trpo"}, "run": {"steps": 2, "eval_every": 1, "seed": 0}}
+    path = tmp_path / "nav.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--out", str(out), "--no-progress"]) == 0
+    lines = (out / "metrics.csv").read_text().splitlines()
+    assert lines[0].split(",")[-4:] == ["outer_objective", "pre_return", "post_return", "lower_return"]
+    assert len(lines) == 4 and (out / "curves.png").is_file()
+    capsys.readouterr()
+    gif = tmp_path / "nav.gif"
+    assert main(["eval", str(out / "learner.pt"), "--tasks", "3", "--episodes", "2", "--video", str(gif)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("BilevelRay/Navigation2D-v0: 3 new tasks, 2 episodes each; mean return before adaptation ")
+    assert "after 1 step " in text and "gain " in text
+    from PIL import Image
+
+    with Image.open(gif) as img:
+        assert img.n_frames > 10 and img.size == (128 * 2 + 4, 128)
+    assert main(["eval", str(out / "learner.pt"), "--tasks", "1"]) == 2
+    assert "tasks: must be an integer >= 2, got 1" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "absent.pt")]) == 2
+    assert "checkpoint: " in capsys.readouterr().err
