@@ -81,16 +81,21 @@ def advantages(obs: Tensor, rewards: Tensor, mask: Tensor, *, gamma: float = 0.9
 
 
 def dice_surrogate(log_probs: Tensor, advantages: Tensor, mask: Tensor,
-                   behaviour_log_probs: Tensor | None = None) -> Tensor:
+                   behaviour_log_probs: Tensor | None = None, max_log_ratio: float | None = None) -> Tensor:
     """``(1/E) Σ_e Σ_t (⊡(W_t) − ⊡(W_{t−1})) A_t`` for log-probabilities ``(T, E)`` of the taken actions.
 
     ``⊡(W_t) = exp(W_t − W_t^b)`` where ``W^b`` are the cumulative log-probabilities of the policy that
     sampled the episodes: ``behaviour_log_probs`` when given (the surrogate is then an importance-weighted
-    estimate at a policy other than the sampling one, as a TRPO/PPO step needs), else ``log_probs``
-    detached (DiCE proper). The two agree with all their derivatives where the policies coincide.
+    estimate at a policy other than the sampling one, as a TRPO step or an inner loop needs), else
+    ``log_probs`` detached (DiCE proper). The two agree with all their derivatives where the policies
+    coincide. ``max_log_ratio = c`` soft-clips the cumulative log-ratio ``z`` to ``c·tanh(z/c)``: weights
+    stay below ``e^c`` far from the sampling policy, while value, gradient and Hessian at it are unchanged
+    (``c·tanh(z/c) = z + O(z³)``).
     """
     behaviour = log_probs.detach() if behaviour_log_probs is None else behaviour_log_probs.detach()
     cum = torch.cumsum((log_probs - behaviour) * mask, 0)
+    if max_log_ratio is not None:
+        cum = max_log_ratio * torch.tanh(cum / max_log_ratio)
     prev = torch.cat([torch.zeros_like(cum[:1]), cum[:-1]])
     weights = torch.exp(cum) - torch.exp(prev)
     return (weights * advantages * mask).sum(0).mean()

@@ -8,9 +8,10 @@ Upper variable ``x``: the meta-policy's parameters. Lower variable ``y``: one po
 
 with ``J_k`` the expected return of task ``k``, ``M`` tasks and ``H`` the horizon (per-step returns). On
 a minibatch ``B`` of tasks the return terms are estimated — ``(M/|B|) Σ_{k∈B}`` in ``g``, the mean over
-``B`` in ``f`` — by the DiCE surrogate of episodes sampled by the current ``y_k`` (importance-weighted
-where ``y`` has moved since), so gradients, Hessian-vector products and cross derivatives are unbiased
-at the sampling point; the proximal term is exact (every row: ``∇²_yy g ⪰ (reg - curvature) I``).
+``B`` in ``f`` — by the DiCE surrogate of episodes sampled by the current ``y_k`` (importance-weighted,
+soft-clipped, where an inner loop has moved ``y`` since), so gradients, Hessian-vector products and
+cross derivatives are unbiased at the sampling point; the proximal term is exact (every row:
+``∇²_yy g ⪰ (reg - curvature) I``).
 
 The data are *on-policy*: an algorithm step sees :meth:`MetaRLTask.at` ``(x, y)`` — a problem whose
 samplers run the rollouts with that ``y`` (see :func:`bilevel_ray.problem.bind`). Agents (decentralized
@@ -127,6 +128,8 @@ class MetaRLTask(Task):
     adapt_steps: int = hp(1, low=1, strict=False, doc="proximal steps adapting x to a held-out task (metrics, eval)")
     eval_tasks: int = hp(20, low=1, strict=False, doc="held-out tasks of the metrics (fixed set)")
     eval_episodes: int = hp(10, low=1, strict=False, doc="episodes per held-out task and adaptation step")
+    max_log_ratio: float | None = hp(2.0, low=0, doc="soft clip of the importance log-ratios away from the sampling "
+                                                      "policy (exact derivatives at it; null: none)")
     rollout_workers: int = hp(0, low=0, strict=False, doc="Ray rollout actors per agent (0: in-process)")
     dtype: str = hp("float32", choices=tuple(DTYPES))
     seed: int = hp(0, low=0, strict=False, doc="training tasks are sample_tasks(seed=2·seed), held-out 2·seed+1")
@@ -186,7 +189,7 @@ class MetaRLTask(Task):
         out = []
         for k, eps, adv in zip(batch.indices, batch.episodes, batch.advantages):
             logp = self.policy.log_prob(_row(y, k), eps.obs, eps.actions)
-            out.append(dice_surrogate(logp, adv, eps.mask, eps.log_probs) / eps.mask.shape[0])
+            out.append(dice_surrogate(logp, adv, eps.mask, eps.log_probs, self.max_log_ratio) / eps.mask.shape[0])
         return out
 
     def g(self, x: PyTree, y: PyTree, batch: RLBatch) -> Tensor:

@@ -490,3 +490,24 @@ def test_surrogate_hvp_matches_finite_differences_of_its_gradient():
     # the score-product terms matter: without them (differencing the plain gradient) it differs
     fd_plain = (grad(theta + h * v)[0] - grad(theta - h * v)[0]) / (2 * h)
     assert (fd_plain - hvp).norm() > 0.1 * hvp.norm()
+
+
+def test_soft_clipped_importance_weights_keep_gradient_and_hessian_at_the_sampling_policy():
+    sampler = RolloutSampler("BilevelRay/Navigation2D-v0", horizon=20, hidden=(8,))
+    policy = sampler.policy
+    params = {k: v.double() for k, v in policy.init(seed=0).items()}
+    eps = sampler.sample(params, sampler.sample_tasks(2, seed=0), 5, seed=0)
+    adv = advantages(eps.obs, eps.rewards, eps.mask)
+    theta, unflat = _flat(policy, params)
+
+    def surrogate(th, clip):
+        return dice_surrogate(policy.log_prob(unflat(th), eps.obs, eps.actions), adv, eps.mask, eps.log_probs, clip)
+
+    for fn in (torch.autograd.functional.jacobian, torch.autograd.functional.hessian):
+        exact, clipped = fn(lambda t: surrogate(t, None), theta), fn(lambda t: surrogate(t, 0.5), theta)
+        assert torch.allclose(exact, clipped, atol=1e-12) and exact.abs().max() > 1e-3
+    far = theta + 3.0 * torch.randn(theta.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    log_ratio = torch.cumsum((policy.log_prob(unflat(far), eps.obs, eps.actions) - eps.log_probs) * eps.mask, 0)
+    assert log_ratio.abs().max() > 5  # far from the sampling policy the raw weights explode ...
+    bound = float(adv.abs().max() * eps.mask.sum(0).max()) * (math.exp(0.5) + 1)
+    assert abs(float(surrogate(far, 0.5))) <= bound  # ... the clipped ones stay below e^c
