@@ -120,8 +120,7 @@ def _outer(policy: Policy, params: Params, batches: Sequence[TaskBatch], ad: Ada
             phi = {k: params[k] + (phi[k] - params[k].detach()) for k in phi}
         v = b.valid
         n = v.mask.sum()
-        old = policy.log_prob(b.adapted, v.obs, v.actions).detach()
-        ratio = torch.exp(policy.log_prob(phi, v.obs, v.actions) - old)
+        ratio = torch.exp(policy.log_prob(phi, v.obs, v.actions) - v.log_probs)  # v was sampled by b.adapted
         losses.append(-(ratio * b.valid_adv * v.mask).sum() / n)
         kls.append((policy.kl(b.adapted, phi, v.obs) * v.mask).sum() / n)
     return torch.stack(losses).mean(), torch.stack(kls).mean()
@@ -197,10 +196,12 @@ class MAMLTRPO(Hyperparams):
     ls_backtrack: float = hp(0.8, low=0, high=1, doc="line-search shrink factor")
 
     def init(self, problem: Any, x: Any, y: Any, *, seed: int = 0, rank: int = 0) -> MAMLTRPOState:
-        if not hasattr(problem, "meta_rl") and not hasattr(problem, "train"):
-            raise ValueError("algorithm.name: maml_trpo needs a meta-RL task (task.name: meta_rl)")
+        from bilevel_ray.rl.problem import MetaRLTask
+
         if isinstance(rank, tuple):
             raise ValueError("algorithm.name: maml_trpo runs one agent per process; use decentralized.backend: ray")
+        if not isinstance(getattr(problem, "meta_rl", problem), MetaRLTask):
+            raise ValueError("algorithm.name: maml_trpo needs a meta-RL task (task.name: meta_rl)")
         return MAMLTRPOState(tree.detach(x), tree.detach(y), 0, seed, rank, Calls())
 
     def step(self, s: MAMLTRPOState, problem: Any, mix: Mix = identity_mix) -> MAMLTRPOState:

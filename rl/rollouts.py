@@ -74,8 +74,11 @@ class RolloutSampler:
     """Samples episodes of a meta-environment under a policy, in one process.
 
     ``horizon`` defaults to the environment's ``max_episode_steps``; vector environments are built once
-    per batch size and reused.
+    per batch size and reused (the ``KEEP`` most recent sizes: training, metrics and evaluation requests
+    alternate).
     """
+
+    KEEP = 4
 
     def __init__(self, env_id: str, *, horizon: int | None = None, env_kwargs: dict[str, Any] | None = None,
                  policy: Policy | None = None, hidden: tuple[int, ...] = (100, 100)):
@@ -89,18 +92,20 @@ class RolloutSampler:
         self.observation_space, self.action_space = probe.observation_space, probe.action_space
         self.policy = policy if policy is not None else make_policy(probe.observation_space, probe.action_space, hidden)
         self._task_sampler = probe
-        self._vec: gym.vector.SyncVectorEnv | None = None
+        self._vecs: dict[int, gym.vector.SyncVectorEnv] = {}
 
     def sample_tasks(self, n: int, *, seed: int) -> list[Task]:
         return self._task_sampler.unwrapped.sample_tasks(n, seed=seed)
 
     def _vector_env(self, n: int) -> gym.vector.SyncVectorEnv:
-        if self._vec is None or self._vec.num_envs != n:
-            if self._vec is not None:
-                self._vec.close()
+        vec = self._vecs.pop(n, None)
+        if vec is None:
             kwargs = self.env_kwargs
-            self._vec = gym.vector.SyncVectorEnv([lambda: make(self.env_id, **kwargs) for _ in range(n)], copy=False)
-        return self._vec
+            vec = gym.vector.SyncVectorEnv([lambda: make(self.env_id, **kwargs) for _ in range(n)], copy=False)
+            if len(self._vecs) >= self.KEEP:
+                self._vecs.pop(next(iter(self._vecs))).close()
+        self._vecs[n] = vec  # most recent last
+        return vec
 
     @torch.no_grad()
     def sample(self, params: Params | Sequence[Params], tasks: Sequence[Task], episodes_per_task: int, *,
@@ -154,7 +159,7 @@ class RolloutSampler:
                         torch.stack(logp), task)
 
     def close(self) -> None:
-        if self._vec is not None:
-            self._vec.close()
-            self._vec = None
+        for vec in self._vecs.values():
+            vec.close()
+        self._vecs.clear()
         self._task_sampler.close()

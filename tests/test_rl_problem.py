@@ -115,3 +115,13 @@ def test_cli_runs_meta_rl_and_evaluates_the_saved_meta_policy(tmp_path, capsys):
     assert "tasks: must be an integer >= 2, got 1" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "absent.pt")]) == 2
     assert "checkpoint: " in capsys.readouterr().err
+
+
+def test_maml_trpo_refuses_the_stacked_simulation_by_name():
+    from bilevel_ray.config import from_dict
+    from bilevel_ray.decentralized.backends import make_backend
+
+    cfg = from_dict({"task": {"name": "meta_rl", **SMALL, "train_tasks": 4}, "algorithm": {"name": "maml_trpo"},
+                     "decentralized": {"agents": 2, "backend": "sim"}, "run": {"steps": 1}})
+    with pytest.raises(ValueError, match="maml_trpo runs one agent per process; use decentralized.backend: ray"):
+        make_backend(cfg.task, cfg.algorithm, cfg.decentralized, seed=0)
