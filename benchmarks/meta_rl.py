@@ -1,4 +1,5 @@
-"""Meta-RL benchmark: 2-D navigation and HalfCheetah-Vel, MAML-TRPO vs BOME vs DSBO (4 agents, ring).
+"""Meta-RL benchmark: 2-D navigation and HalfCheetah-Vel, MAML-TRPO vs BOME vs DSBO (4 agents, ring)
+(and SOBA with ``--methods soba``).
 
 Each method meta-trains for the same wall-clock budget on this machine's CPU (``--budget`` minutes per
 method and environment), then its meta-policy (agents averaged) is adapted to ``--tasks`` new tasks with
@@ -34,6 +35,8 @@ METHODS = {
     # level), hence fewer training tasks and a small step
     "bome": (dict(train_tasks=10, meta_batch=10, episodes=10),
              dict(name="bome", inner_lr=0.05, inner_steps=5, outer_lr=0.02), None),
+    "soba": (dict(train_tasks=40, meta_batch=10, episodes=10),
+             dict(name="soba", inner_lr=0.05, outer_lr=0.2, schedule="constant"), None),
     "dsbo_ring4": (dict(train_tasks=40, meta_batch=5, episodes=10),
                    dict(name="dsbo", outer_lr=0.5, inner_lr=0.05, linear_lr=0.05, inner_steps=1, linear_steps=1),
                    dict(agents=4, topology="ring", backend="sim")),
@@ -118,7 +121,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=3.0, help="minutes of meta-training per method and env")
     parser.add_argument("--tasks", type=int, default=40, help="new tasks of the final evaluation")
     parser.add_argument("--envs", nargs="*", default=list(ENVS), choices=list(ENVS))
-    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="*", default=["maml_trpo", "bome", "dsbo_ring4"], choices=list(METHODS))
     parser.add_argument("--workers", type=int, default=2, help="Ray rollout actors in the speed test")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="20 s budgets, 8 evaluation tasks")
