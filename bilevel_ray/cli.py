@@ -107,17 +107,17 @@ def _eval(args: argparse.Namespace) -> int:
     except Exception:  # not a weights-only file: the few-shot loader reports what it is not
         payload = None
     if is_meta_policy(payload):
-        return _eval_rl(args)
+        return _eval_rl(args, payload)
     args.tasks = 600 if args.tasks is None else args.tasks
     return _eval_fewshot(args)
 
 
-def _eval_rl(args: argparse.Namespace) -> int:
+def _eval_rl(args: argparse.Namespace, payload: dict) -> int:
     from bilevel_ray.meta.fewshot import mean_ci95
-    from bilevel_ray.rl.metapolicy import load_meta_policy
+    from bilevel_ray.rl.metapolicy import from_payload
 
     try:
-        policy = load_meta_policy(args.checkpoint)
+        policy = from_payload(payload)
         tasks = 100 if args.tasks is None else args.tasks
         returns = policy.evaluate(tasks=tasks, episodes=args.episodes, adapt_steps=args.adapt_steps, seed=args.seed)
         if args.video:

@@ -29,7 +29,8 @@ class _RandomPhysics:
 
     DEFAULTS: dict[str, float] = {}
 
-    def _init_task(self, scale: float) -> None:
+    def __init__(self, scale: float = 2.0, render_mode: str | None = None):
+        super().__init__(render_mode=render_mode)  # the gymnasium environment after this class in the MRO
         self.scale = _check_scale(scale)
         self.TASK_SPEC = {k: (v / 10.0, v * 10.0) for k, v in self.DEFAULTS.items()}
         self.set_task(dict(self.DEFAULTS))
@@ -54,10 +55,6 @@ class RandomCartPoleEnv(_RandomPhysics, CartPoleEnv):
 
     DEFAULTS = {"pole_length": 0.5, "pole_mass": 0.1, "gravity": 9.8}
 
-    def __init__(self, scale: float = 2.0, render_mode: str | None = None):
-        CartPoleEnv.__init__(self, render_mode=render_mode)
-        self._init_task(scale)
-
     def _apply(self, task: Task) -> None:
         self.length, self.masspole, self.gravity = task["pole_length"], task["pole_mass"], task["gravity"]
         self.total_mass = self.masspole + self.masscart
@@ -68,10 +65,6 @@ class RandomPendulumEnv(_RandomPhysics, PendulumEnv):
     """Pendulum-v1 whose length, mass and gravity are the task."""
 
     DEFAULTS = {"length": 1.0, "mass": 1.0, "gravity": 10.0}
-
-    def __init__(self, scale: float = 2.0, render_mode: str | None = None):
-        PendulumEnv.__init__(self, render_mode=render_mode)
-        self._init_task(scale)
 
     def _apply(self, task: Task) -> None:
         self.l, self.m, self.g = task["length"], task["mass"], task["gravity"]

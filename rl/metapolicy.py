@@ -16,7 +16,7 @@ import torch
 
 from bilevel_ray.files import atomic_write
 
-__all__ = ["FORMAT", "MetaPolicy", "load_meta_policy", "is_meta_policy"]
+__all__ = ["FORMAT", "MetaPolicy", "load_meta_policy", "is_meta_policy", "from_payload"]
 
 FORMAT = "bilevel-ray-metapolicy/1"
 
@@ -85,5 +85,10 @@ def load_meta_policy(path: str | Path) -> MetaPolicy:
     payload = torch.load(path, weights_only=True)
     if not is_meta_policy(payload):
         raise ValueError(f"checkpoint: {path} is not a meta-policy (format {FORMAT})")
+    return from_payload(payload)
+
+
+def from_payload(payload: dict[str, Any]) -> MetaPolicy:
+    """The meta-policy of an already loaded checkpoint (see :func:`is_meta_policy`)."""
     fields = {k: payload[k] for k in ("env", "horizon", "params", "reg", "adapt_steps", "gamma", "gae_lambda")}
     return MetaPolicy(hidden=tuple(payload["hidden"]), **fields)

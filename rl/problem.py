@@ -136,12 +136,10 @@ class MetaRLTask(Task):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from bilevel_ray.rl.core import make
-
-        probe = make(self.env)  # unknown ids fail here, in one line
-        object.__setattr__(self, "train", tuple(probe.unwrapped.sample_tasks(self.train_tasks, seed=2 * self.seed)))
-        object.__setattr__(self, "held_out", tuple(probe.unwrapped.sample_tasks(self.eval_tasks, seed=2 * self.seed + 1)))
-        probe.close()
+        # the in-process sampler (cached per process; unknown ids fail here, in one line) draws the tasks
+        tasks = rollout_sampler(self.env, self.horizon or None, self.hidden).sample_tasks
+        object.__setattr__(self, "train", tuple(tasks(self.train_tasks, seed=2 * self.seed)))
+        object.__setattr__(self, "held_out", tuple(tasks(self.eval_tasks, seed=2 * self.seed + 1)))
         every = TaskIndexSampler(tuple(range(self.train_tasks)), self.meta_batch)
         object.__setattr__(self, "inner", every)
         object.__setattr__(self, "outer", every)
@@ -244,9 +242,11 @@ def proximal_adapt(sampler: Any, x: PyTree, tasks: Sequence[dict], *, steps: int
     objective ``-J/H + reg/2‖φ - x‖²``, fresh episodes each step (one step is MAML's VPG step of size
     ``1/reg``). Returns the per-task mean returns before each step and after the last, ``(steps + 1, n)``,
     and the adapted policies."""
-    from bilevel_ray.rl.estimators import advantages, dice_surrogate
+    from bilevel_ray.rl.estimators import advantages
+    from bilevel_ray.rl.maml import Adaptation, adapt
 
-    policy = sampler.policy
+    # a step of size 1/reg on the lower objective from φ lands on x + ∇S(φ)/reg: the proximal term cancels
+    vpg = Adaptation(lr=1.0 / reg, steps=1, gamma=gamma, lam=lam)
     phis = [dict(x) for _ in tasks]
     out = []
     for s in range(steps + 1):
@@ -257,12 +257,7 @@ def proximal_adapt(sampler: Any, x: PyTree, tasks: Sequence[dict], *, steps: int
         new = []
         for k, phi in enumerate(phis):
             e = eps.of_task(k)
-            adv = advantages(e.obs, e.rewards, e.mask, gamma=gamma, lam=lam)
-            leaves = {n: t.detach().requires_grad_(True) for n, t in phi.items()}
-            with torch.enable_grad():
-                sur = dice_surrogate(policy.log_prob(leaves, e.obs, e.actions), adv, e.mask, e.log_probs) / e.mask.shape[0]
-                obj = sur - 0.5 * reg * sum(((leaves[n] - x[n].detach()) ** 2).sum() for n in leaves)
-                grads = torch.autograd.grad(obj, list(leaves.values()))
-            new.append({n: (leaves[n] + gr / reg).detach() for n, gr in zip(leaves, grads)})
+            moved = adapt(sampler.policy, phi, e, advantages(e.obs, e.rewards, e.mask, gamma=gamma, lam=lam), vpg)
+            new.append({n: x[n].detach() + moved[n] - phi[n].detach() for n in phi})
         phis = new
     return torch.stack(out), phis
