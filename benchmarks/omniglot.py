@@ -11,13 +11,17 @@ per class) with normal 95% intervals.
   ``configs/omniglot_bome.yaml``): backbone ``x``, class-head table ``y``; new tasks fit a ridge head.
 * DSBO: the same task, 4 agents on a ring, each on its own alphabets, vectorized simulation
   (``configs/omniglot_dsbo_ring4.yaml``); the agents' average backbone is tested.
-* MAML: second-order MAML (1 inner step, zero-initialised head: any number of ways), vmapped over the
-  meta-batch; ProtoNet: prototypical networks (reference).
+* MAML: second-order MAML (1 inner step, zero-initialised head: any number of ways), the meta-batch's
+  tasks as one grouped network; ProtoNet: prototypical networks (reference).
 
-Speed: meta-iterations per second of our MAML (``torch.func`` + ``vmap`` over tasks) and of
-learn2learn's ``MAML`` (clone/adapt per task) on the same ``ConvNet`` (learned 5-way head), the same
-meta-batches (5-way 1-shot, ``--speed-batch`` tasks, 15 queries) and the same Adam step, after checking
-that both give the same meta-gradient.
+Speed: meta-iterations per second of our MAML, in both batched forms (``grouped``: the tasks as groups
+of one network, plain autograd; ``vmap``: ``torch.func`` + ``vmap`` over tasks), and of learn2learn's
+``MAML`` (clone/adapt per task) on the same ``ConvNet`` (learned 5-way head), the same 5-way 1-shot
+meta-batches and the same Adam step, after checking that all give the same meta-gradient; steps of the
+three alternate, so that a slow spell of a shared machine hits all alike. Settings: learn2learn's own
+MAML Omniglot example (width 64, 32 tasks, 1 query per class), then this benchmark's MAML training
+setting, then that with 15 queries per class. The whole process runs with
+:func:`bilevel_ray.allocator.tune_allocator` (``BILEVEL_RAY_ALLOCATOR=default`` to compare without).
 
     .venv/bin/python benchmarks/omniglot.py [--budget 4] [--tasks 600] [--methods soba bome dsbo maml protonet]
                                             [--width 32] [--threads 2] [--save DIR] [--quick]
@@ -34,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bilevel_ray.allocator import tune_allocator
 from bilevel_ray.config import load_config
 from bilevel_ray.decentralized.backends import average, make_backend
 from bilevel_ray.meta import evaluate
@@ -44,6 +49,10 @@ from bilevel_ray.tasks.vision.episodes import ClassPool, EpisodeSampler
 from bilevel_ray.tasks.vision.omniglot import load_omniglot
 
 SETTINGS = ((5, 1), (5, 5), (20, 1))
+#: (width, meta-batch, queries per class) of the speed test: learn2learn's own MAML Omniglot example
+#: (64 channels, 32 tasks, 2×shots samples per class split into support and query), then the setting
+#: the accuracy table trains MAML with here, then that with 15 queries per class
+SPEED_SETTINGS = ((64, 32, 1), (32, 16, 5), (32, 16, 15))
 CONFIGS = {"soba": "configs/omniglot_soba.yaml", "bome": "configs/omniglot_bome.yaml",
            "dsbo": "configs/omniglot_dsbo_ring4.yaml"}
 LABELS = {"soba": "SOBA (hyper-repr.)", "bome": "BOME (hyper-repr.)", "dsbo": "DSBO, 4 agents, ring",
@@ -71,24 +80,21 @@ def train_episodic(kind: str, pool: ClassPool, width: int, budget_s: float) -> t
     return learner, learner.hyper["steps_trained"]
 
 
-def maml_speed(pool: ClassPool, width: int, batch: int, iters: int) -> tuple[float, float, float]:
-    """(ours it/s, learn2learn it/s, max |meta-gradient difference|) on identical meta-batches."""
+def maml_speed(pool: ClassPool, width: int, batch: int, queries: int, iters: int) -> dict[str, float]:
+    """Meta-iterations per second of our MAML (grouped and vmapped batching) and of learn2learn's ``MAML``
+    on identical 5-way 1-shot meta-batches, after checking that all three give the same meta-gradient
+    (``diff``: the largest absolute difference to learn2learn's)."""
     import learn2learn as l2l
 
-    sampler = EpisodeSampler(pool, 5, 1, 15, meta_batch=batch)
+    sampler = EpisodeSampler(pool, 5, 1, queries, meta_batch=batch)
     episodes = [sampler.episodes(np.random.default_rng([1, i])) for i in range(iters + 1)]
     net = ConvNet(init_backbone(width=width, seed=0), ways=5)
     torch.nn.init.normal_(net.head.weight, std=0.01)
     theta = {k: v.detach().clone().requires_grad_(True) for k, v in net.named_parameters()}
-    hyper = {"steps": 1, "lr": 0.4}
 
-    def ours_grads(ep):
-        return meta_loss_and_grad("maml", {k: v.detach() for k, v in theta.items()}, hyper, ep)[1]
-
-    def ours_step(ep, opt):
-        for k, g in ours_grads(ep).items():
-            theta[k].grad = g
-        opt.step()
+    def ours(batching):
+        hyper = {"steps": 1, "lr": 0.4, "batching": batching}
+        return lambda ep: meta_loss_and_grad("maml", {k: v.detach() for k, v in theta.items()}, hyper, ep)[1]
 
     maml = l2l.algorithms.MAML(net, lr=0.4, first_order=False)
 
@@ -100,23 +106,31 @@ def maml_speed(pool: ClassPool, width: int, batch: int, iters: int) -> tuple[flo
             (F.cross_entropy(learner(ep.query[b]), ep.query_labels[b]) / ep.support.shape[0]).backward()
         return {k: p.grad for k, p in maml.module.named_parameters()}
 
-    def l2l_step(ep, opt):
-        l2l_grads(ep)
-        opt.step()
+    methods = {"grouped": (ours("grouped"), theta), "vmap": (ours("vmap"), theta),
+               "l2l": (l2l_grads, dict(maml.module.named_parameters()))}
+    reference = l2l_grads(episodes[0])  # same point: before any update
+    out = {"diff": max(float((g[k] - reference[k]).abs().max())
+                       for name, (grads, _) in methods.items() if name != "l2l" for g in [grads(episodes[0])]
+                       for k in g)}
+    steps = {}
+    for name, (grads, params) in methods.items():
+        opt = torch.optim.Adam(params.values(), lr=1e-3)
 
-    # same meta-gradient at the same point (before any update)
-    g_ours, g_l2l = ours_grads(episodes[0]), l2l_grads(episodes[0])
-    diff = max(float((g_ours[k] - g_l2l[k]).abs().max()) for k in g_ours)
+        def step(ep, grads=grads, params=params, opt=opt):
+            for k, g in grads(ep).items():
+                params[k].grad = g
+            opt.step()
 
-    rates = {}
-    for name, step, params in (("ours", ours_step, list(theta.values())), ("l2l", l2l_step, list(maml.parameters()))):
-        opt = torch.optim.Adam(params, lr=1e-3)
-        step(episodes[0], opt)  # warm-up
-        start = time.perf_counter()
-        for ep in episodes[1:]:
-            step(ep, opt)
-        rates[name] = iters / (time.perf_counter() - start)
-    return rates["ours"], rates["l2l"], diff
+        step(episodes[0])  # warm-up
+        steps[name], out[name] = step, 0.0
+    for ep in episodes[1:]:  # interleaved, so that a slow spell of a shared machine hits all alike
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step(ep)
+            out[name] += time.perf_counter() - start
+    for name in steps:
+        out[name] = iters / out[name]
+    return out
 
 
 def main() -> None:
@@ -127,7 +141,6 @@ def main() -> None:
                         help="methods of the accuracy table (none: the speed test only)")
     parser.add_argument("--width", type=int, default=32, help="channels of the Conv-4 backbone")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument("--speed-batch", type=int, default=16, help="tasks per meta-batch in the speed test")
     parser.add_argument("--speed-iters", type=int, default=10)
     parser.add_argument("--save", metavar="DIR", help="save each trained learner as DIR/<method>.pt (for bilevel-ray eval)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 0.2 min, 50 tasks, 3 iterations")
@@ -135,6 +148,7 @@ def main() -> None:
     if args.quick:
         args.budget, args.tasks, args.speed_iters = 0.2, 50, 3
     torch.set_num_threads(args.threads)
+    tuned = tune_allocator()
     train = load_omniglot("images_background_small1")
     unseen = load_omniglot("images_background_small2").select(exclude=train.alphabets)
     pool = ClassPool(train.images, train.labels, rotations=4)
@@ -144,10 +158,16 @@ def main() -> None:
     print(f"budget {args.budget:g} min per method, {args.tasks} test tasks per setting, Conv-4 width "
           f"{args.width}, {args.threads} threads\n")
 
-    ours, theirs, diff = maml_speed(pool, args.width, args.speed_batch, args.speed_iters)
-    print(f"MAML meta-iterations/s (5-way 1-shot, {args.speed_batch} tasks, 15 queries, 1 inner step, 2nd order):")
-    print(f"  bilevel-ray (vmap) {ours:.3f}   learn2learn MAML {theirs:.3f}   ratio {ours / theirs:.2f}x   "
-          f"(max |grad diff| {diff:.1e})\n")
+    print(f"allocator: {'heap kept (bilevel_ray.tune_allocator)' if tuned else 'glibc default'}")
+    print("MAML meta-iterations/s, 5-way 1-shot, 1 inner step, second order, same meta-batches and Adam step:")
+    print("| Conv-4 width | tasks | queries/class | bilevel-ray grouped | bilevel-ray vmap | learn2learn MAML "
+          "| grouped / l2l | vmap / l2l | max abs grad diff |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for width, batch, queries in SPEED_SETTINGS:
+        r = maml_speed(pool, width, batch, queries, args.speed_iters)
+        print(f"| {width} | {batch} | {queries} | {r['grouped']:.2f} | {r['vmap']:.2f} | {r['l2l']:.2f} | "
+              f"{r['grouped'] / r['l2l']:.2f}x | {r['vmap'] / r['l2l']:.2f}x | {r['diff']:.1e} |", flush=True)
+    print()
 
     header = f"| method | train steps | {' | '.join(f'{w}-way {k}-shot' for w, k in SETTINGS)} |"
     rows = [header, "|" + "---|" * (2 + len(SETTINGS))]

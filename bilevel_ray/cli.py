@@ -33,6 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "list":
             return _list()
+        from bilevel_ray.allocator import tune_allocator
+
+        tune_allocator()
         if args.command == "eval":
             return _eval(args)
         address = [f"decentralized.address={args.address}"] if args.address else []

@@ -2,6 +2,7 @@
 inner problems, each formulation's meta-gradient against dense float64 references, the few-shot API
 and its CLI, and a decentralized run on the session's Ray cluster."""
 
+import platform
 import subprocess
 import sys
 import time
@@ -17,7 +18,8 @@ from bilevel_ray.meta import FewShotLearner, evaluate, load
 from bilevel_ray.meta.learners import (cg_fixed, imaml_solve, imaml_task_grad, maml_adapt, meta_loss_and_grad,
                                        task_logits, with_head)
 from bilevel_ray.tasks import make_task
-from bilevel_ray.tasks.vision.backbone import ConvNet, embed, feature_dim, init_backbone
+from bilevel_ray.allocator import tune_allocator
+from bilevel_ray.tasks.vision.backbone import ConvNet, embed, embed_tasks, feature_dim, init_backbone, max_pool2
 from bilevel_ray.tasks.vision.benchmarks import expected_files, learn2learn_tasksets
 from bilevel_ray.tasks.vision.episodes import ClassPool, EpisodeSampler, learn2learn_tasks, split_l2l_task
 from bilevel_ray.tasks.vision.omniglot import find_omniglot, load_omniglot
@@ -193,12 +195,14 @@ def _ce(params, images, labels):
     return torch.nn.functional.cross_entropy(forward(params, images), labels)
 
 
+@pytest.mark.parametrize("batching", ["grouped", "vmap"])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_maml_meta_gradient_matches_unrolled_autograd(pool12, first_order):
-    """torch.func + vmap against torch.autograd with create_graph, one task at a time (float64)."""
+def test_maml_meta_gradient_matches_unrolled_autograd(pool12, first_order, batching):
+    """Both batched forms (one grouped network; torch.func + vmap) against torch.autograd with
+    create_graph on the module-free network, one task at a time (float64)."""
     theta = init_backbone(width=3, depth=2, seed=2, dtype=torch.float64)
     ep = _episode(pool12, tasks=2, seed=5)
-    hyper = {"steps": 2, "lr": 0.5}
+    hyper = {"steps": 2, "lr": 0.5, "batching": batching}
     _, g = meta_loss_and_grad("fomaml" if first_order else "maml", theta, hyper, ep)
     leaves = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
     total = 0
@@ -216,6 +220,52 @@ def test_maml_meta_gradient_matches_unrolled_autograd(pool12, first_order):
     if not first_order:  # the second-order terms are really there
         _, g1 = meta_loss_and_grad("fomaml", theta, hyper, ep)
         assert max(float((g[k] - g1[k]).abs().max()) for k in theta) > 1e-6
+
+
+def test_max_pool2_is_max_pool2d():
+    """Values, first-maximum routing of ties (ReLU zeros), odd sizes, and the second derivative."""
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(2, 3, 8, 8), (2, 3, 7, 5), (1, 2, 3, 3)]:
+        x = torch.relu(torch.randn(*shape, generator=gen, dtype=torch.float64)).requires_grad_(True)
+        ours, ref = max_pool2(x), torch.nn.functional.max_pool2d(x, 2)
+        assert torch.equal(ours, ref)
+        w = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+        g_ours, = torch.autograd.grad((ours * w).sum(), x)
+        g_ref, = torch.autograd.grad((ref * w).sum(), x)
+        assert torch.equal(g_ours, g_ref)
+    x = torch.randn(2, 2, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(max_pool2, (x,))
+
+
+def test_embed_tasks_is_embed_per_task(pool12):
+    """The grouped network of B tasks, each under its own parameters, equals :func:`embed` per task
+    (values and gradients; depth 3 takes an odd size through the pooling)."""
+    ep = _episode(pool12, tasks=3, seed=9)
+    per = [init_backbone(width=3, depth=3, seed=10 + b, dtype=torch.float64) for b in range(3)]
+    stacked = {k: torch.stack([p[k] for p in per]).requires_grad_(True) for k in per[0]}
+    out = embed_tasks(stacked, ep.query)
+    w = torch.randn(out.shape, dtype=torch.float64)
+    grads = torch.autograd.grad((out * w).sum(), list(stacked.values()))
+    for b, p in enumerate(per):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in p.items()}
+        ref = embed(leaves, ep.query[b])
+        assert torch.allclose(out[b], ref, atol=1e-12)
+        for g, r in zip(grads, torch.autograd.grad((ref * w[b]).sum(), list(leaves.values()))):
+            assert torch.allclose(g[b], r, atol=1e-10)
+
+
+def test_maml_batching_is_validated(pool12):
+    theta = init_backbone(width=3, depth=2, seed=2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="hyper.batching: must be grouped or vmap"):
+        meta_loss_and_grad("maml", theta, {"steps": 1, "lr": 0.1, "batching": "loop"}, _episode(pool12))
+
+
+def test_tune_allocator(monkeypatch):
+    monkeypatch.setenv("BILEVEL_RAY_ALLOCATOR", "default")
+    assert tune_allocator() is False
+    monkeypatch.delenv("BILEVEL_RAY_ALLOCATOR")
+    if sys.platform.startswith("linux") and "glibc" in " ".join(platform.libc_ver()):
+        assert tune_allocator() is True
 
 
 def test_imaml_implicit_gradient_matches_the_dense_formula(pool12):

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from bilevel_ray.allocator import tune_allocator
 from bilevel_ray.decentralized.backends import AgentFailure
 from bilevel_ray.decentralized.data import AgentProblem
 from bilevel_ray.decentralized.transport import Transport, shm_dir
@@ -38,6 +39,7 @@ class AgentWorker:
                  mixing_at: Callable[[int], np.ndarray], seed: int, *, name: str, transport: str = "auto",
                  torch_threads: int = 1):
         torch.set_num_threads(torch_threads)
+        tune_allocator()
         self.algo, self.problem, self.rank, self.n = algo, problem, rank, n
         self.mixing_at = mixing_at
         x, y = problem.init(seed=seed)

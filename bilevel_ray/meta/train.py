@@ -15,10 +15,11 @@ from bilevel_ray.tasks.vision.backbone import init_backbone
 
 __all__ = ["DEFAULTS", "meta_train"]
 
-#: adaptation settings of each kind (``lr``/``steps``: inner SGD; ``lam``/``cg_iters``: iMAML)
+#: adaptation settings of each kind (``lr``/``steps``: inner SGD; ``batching``: MAML's batched form,
+#: ``"grouped"`` or ``"vmap"``; ``lam``/``cg_iters``: iMAML)
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "maml": {"steps": 1, "lr": 0.4},
-    "fomaml": {"steps": 3, "lr": 0.4},
+    "maml": {"steps": 1, "lr": 0.4, "batching": "grouped"},
+    "fomaml": {"steps": 3, "lr": 0.4, "batching": "grouped"},
     "imaml": {"steps": 8, "lr": 0.2, "lam": 0.5, "cg_iters": 5},
     "protonet": {},
 }
