@@ -16,9 +16,8 @@ per class) with normal 95% intervals.
 
 Speed: meta-iterations per second of our MAML, in both batched forms (``grouped``: the tasks as groups
 of one network, plain autograd; ``vmap``: ``torch.func`` + ``vmap`` over tasks), and of learn2learn's
-``MAML`` (clone/adapt per task) on the same ``ConvNet`` (learned 5-way head; PyTorch's standard layers,
-and again with our max-pooling, to show what batching alone gains), the same 5-way 1-shot meta-batches
-and the same Adam step, after checking that all give the same meta-gradient; steps of the methods
+``MAML`` (clone/adapt per task) on the same ``ConvNet`` (learned 5-way head), the same 5-way 1-shot
+meta-batches and the same Adam step, after checking that all give the same meta-gradient; steps of the methods
 alternate, so that a slow spell of a shared machine hits all alike. Settings: learn2learn's own
 MAML Omniglot example (width 64, 32 tasks, 1 query per class), then this benchmark's MAML training
 setting, then that with 15 queries per class. The whole process runs with
@@ -110,10 +109,7 @@ def maml_speed(pool: ClassPool, width: int, batch: int, queries: int, iters: int
 
         return grads, dict(maml.module.named_parameters())
 
-    fast = ConvNet(init_backbone(width=width, seed=0), ways=5, fast_pool=True)
-    fast.load_state_dict(net.state_dict())
-    methods = {"grouped": (ours("grouped"), theta), "vmap": (ours("vmap"), theta), "l2l": l2l_maml(net),
-               "l2l_fast_pool": l2l_maml(fast)}
+    methods = {"grouped": (ours("grouped"), theta), "vmap": (ours("vmap"), theta), "l2l": l2l_maml(net)}
     reference = methods["l2l"][0](episodes[0])  # same point: before any update
     out = {"diff": max(float((g[k] - reference[k]).abs().max())
                        for name, (grads, _) in methods.items() if name != "l2l" for g in [grads(episodes[0])]
@@ -167,14 +163,12 @@ def main() -> None:
     print(f"allocator: {'heap kept (bilevel_ray.tune_allocator)' if tuned else 'glibc default'}")
     print("MAML meta-iterations/s, 5-way 1-shot, 1 inner step, second order, same meta-batches and Adam step:")
     print("| Conv-4 width | tasks | queries/class | bilevel-ray grouped | bilevel-ray vmap | learn2learn MAML "
-          "| learn2learn, our pooling | grouped / l2l | vmap / l2l | grouped / l2l with our pooling "
-          "| max abs grad diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| grouped / l2l | vmap / l2l | max abs grad diff |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for width, batch, queries in SPEED_SETTINGS:
         r = maml_speed(pool, width, batch, queries, args.speed_iters)
         print(f"| {width} | {batch} | {queries} | {r['grouped']:.2f} | {r['vmap']:.2f} | {r['l2l']:.2f} | "
-              f"{r['l2l_fast_pool']:.2f} | {r['grouped'] / r['l2l']:.2f}x | {r['vmap'] / r['l2l']:.2f}x | "
-              f"{r['grouped'] / r['l2l_fast_pool']:.2f}x | {r['diff']:.1e} |", flush=True)
+              f"{r['grouped'] / r['l2l']:.2f}x | {r['vmap'] / r['l2l']:.2f}x | {r['diff']:.1e} |", flush=True)
     print()
 
     header = f"| method | train steps | {' | '.join(f'{w}-way {k}-shot' for w, k in SETTINGS)} |"

@@ -19,7 +19,7 @@ from bilevel_ray.meta.learners import (cg_fixed, imaml_solve, imaml_task_grad, m
                                        task_logits, with_head)
 from bilevel_ray.tasks import make_task
 from bilevel_ray.allocator import tune_allocator
-from bilevel_ray.tasks.vision.backbone import ConvNet, embed, embed_tasks, feature_dim, init_backbone, max_pool2
+from bilevel_ray.tasks.vision.backbone import ConvNet, embed, embed_tasks, feature_dim, init_backbone
 from bilevel_ray.tasks.vision.benchmarks import expected_files, learn2learn_tasksets
 from bilevel_ray.tasks.vision.episodes import ClassPool, EpisodeSampler, learn2learn_tasks, split_l2l_task
 from bilevel_ray.tasks.vision.omniglot import find_omniglot, load_omniglot
@@ -220,21 +220,6 @@ def test_maml_meta_gradient_matches_unrolled_autograd(pool12, first_order, batch
     if not first_order:  # the second-order terms are really there
         _, g1 = meta_loss_and_grad("fomaml", theta, hyper, ep)
         assert max(float((g[k] - g1[k]).abs().max()) for k in theta) > 1e-6
-
-
-def test_max_pool2_is_max_pool2d():
-    """Values, first-maximum routing of ties (ReLU zeros), odd sizes, and the second derivative."""
-    gen = torch.Generator().manual_seed(0)
-    for shape in [(2, 3, 8, 8), (2, 3, 7, 5), (1, 2, 3, 3)]:
-        x = torch.relu(torch.randn(*shape, generator=gen, dtype=torch.float64)).requires_grad_(True)
-        ours, ref = max_pool2(x), torch.nn.functional.max_pool2d(x, 2)
-        assert torch.equal(ours, ref)
-        w = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
-        g_ours, = torch.autograd.grad((ours * w).sum(), x)
-        g_ref, = torch.autograd.grad((ref * w).sum(), x)
-        assert torch.equal(g_ours, g_ref)
-    x = torch.randn(2, 2, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(max_pool2, (x,))
 
 
 def test_embed_tasks_is_embed_per_task(pool12):
