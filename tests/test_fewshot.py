@@ -14,11 +14,11 @@ import torch
 from torch.func import grad
 
 from bilevel_ray import algorithms as A, linalg, oracles, tree
+from bilevel_ray.allocator import tune_allocator
 from bilevel_ray.meta import FewShotLearner, evaluate, load
 from bilevel_ray.meta.learners import (cg_fixed, imaml_solve, imaml_task_grad, maml_adapt, meta_loss_and_grad,
                                        task_logits, with_head)
 from bilevel_ray.tasks import make_task
-from bilevel_ray.allocator import tune_allocator
 from bilevel_ray.tasks.vision.backbone import ConvNet, embed, embed_tasks, feature_dim, init_backbone
 from bilevel_ray.tasks.vision.benchmarks import expected_files, learn2learn_tasksets
 from bilevel_ray.tasks.vision.episodes import ClassPool, EpisodeSampler, learn2learn_tasks, split_l2l_task

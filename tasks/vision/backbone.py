@@ -53,8 +53,7 @@ def embed_tasks(params: Params, images: torch.Tensor) -> torch.Tensor:
     """Features ``(B, n, feature_dim)`` of ``B`` tasks' images ``(B, n, 1, S, S)``, task ``b`` under its
     own parameters ``params[k][b]`` (every tensor with a leading task axis): :func:`embed` of each task,
     computed as one grouped network (tasks stacked along channels, per-task groups in every convolution
-    and group norm), the batched form of MAML's adaptation with plain autograd. ReLU follows the pooling
-    as in :func:`embed`. A convolution with one
+    and group norm), the batched form of MAML's adaptation with plain autograd. A convolution with one
     input channel runs as im2col + batched matmul (faster than a grouped convolution of one channel per
     group)."""
     tasks, n = images.shape[:2]
