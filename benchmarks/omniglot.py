@@ -90,30 +90,26 @@ def maml_speed(pool: ClassPool, width: int, batch: int, queries: int, iters: int
     episodes = [sampler.episodes(np.random.default_rng([1, i])) for i in range(iters + 1)]
     net = ConvNet(init_backbone(width=width, seed=0), ways=5)
     torch.nn.init.normal_(net.head.weight, std=0.01)
-    theta = {k: v.detach().clone().requires_grad_(True) for k, v in net.named_parameters()}
 
-    def ours(batching):
+    def ours(batching):  # each method trains its own copy of the same starting point
         hyper = {"steps": 1, "lr": 0.4, "batching": batching}
-        return lambda ep: meta_loss_and_grad("maml", {k: v.detach() for k, v in theta.items()}, hyper, ep)[1]
+        theta = {k: v.detach().clone().requires_grad_(True) for k, v in net.named_parameters()}
+        return lambda ep: meta_loss_and_grad("maml", {k: v.detach() for k, v in theta.items()}, hyper, ep)[1], theta
 
-    def l2l_maml(module):
-        maml = l2l.algorithms.MAML(module, lr=0.4, first_order=False)
+    maml = l2l.algorithms.MAML(net, lr=0.4, first_order=False)
 
-        def grads(ep):
-            maml.zero_grad()
-            for b in range(ep.support.shape[0]):
-                learner = maml.clone()
-                learner.adapt(F.cross_entropy(learner(ep.support[b]), ep.support_labels[b]))
-                (F.cross_entropy(learner(ep.query[b]), ep.query_labels[b]) / ep.support.shape[0]).backward()
-            return {k: p.grad for k, p in maml.module.named_parameters()}
+    def l2l_grads(ep):
+        maml.zero_grad()
+        for b in range(ep.support.shape[0]):
+            learner = maml.clone()
+            learner.adapt(F.cross_entropy(learner(ep.support[b]), ep.support_labels[b]))
+            (F.cross_entropy(learner(ep.query[b]), ep.query_labels[b]) / ep.support.shape[0]).backward()
+        return {k: p.grad for k, p in maml.module.named_parameters()}
 
-        return grads, dict(maml.module.named_parameters())
-
-    methods = {"grouped": (ours("grouped"), theta), "vmap": (ours("vmap"), theta), "l2l": l2l_maml(net)}
-    reference = methods["l2l"][0](episodes[0])  # same point: before any update
-    out = {"diff": max(float((g[k] - reference[k]).abs().max())
-                       for name, (grads, _) in methods.items() if name != "l2l" for g in [grads(episodes[0])]
-                       for k in g)}
+    methods = {"grouped": ours("grouped"), "vmap": ours("vmap"), "l2l": (l2l_grads, dict(maml.module.named_parameters()))}
+    reference = {k: g.clone() for k, g in l2l_grads(episodes[0]).items()}  # same point: before any update
+    out = {"diff": max(float((g - reference[k]).abs().max()) for name in ("grouped", "vmap")
+                       for k, g in methods[name][0](episodes[0]).items())}
     steps = {}
     for name, (grads, params) in methods.items():
         opt = torch.optim.Adam(params.values(), lr=1e-3)
