@@ -2,6 +2,7 @@
 inner problems, each formulation's meta-gradient against dense float64 references, the few-shot API
 and its CLI, and a decentralized run on the session's Ray cluster."""
 
+import dataclasses
 import platform
 import subprocess
 import sys
@@ -18,7 +19,9 @@ from bilevel_ray.allocator import tune_allocator
 from bilevel_ray.meta import FewShotLearner, evaluate, load
 from bilevel_ray.meta.learners import (cg_fixed, imaml_solve, imaml_task_grad, maml_adapt, meta_loss_and_grad,
                                        task_logits, with_head)
+from bilevel_ray.meta.train import meta_train
 from bilevel_ray.tasks import make_task
+from bilevel_ray.tasks.vision.augment import RandomAffine, warp
 from bilevel_ray.tasks.vision.backbone import ConvNet, embed, embed_tasks, feature_dim, init_backbone
 from bilevel_ray.tasks.vision.benchmarks import expected_files, learn2learn_tasksets
 from bilevel_ray.tasks.vision.episodes import ClassPool, EpisodeSampler, learn2learn_tasks, split_l2l_task
@@ -97,6 +100,39 @@ def test_episodes_are_valid_and_reproducible(omniglot):
         EpisodeSampler(pool, 5, 1, 20)
     with pytest.raises(ValueError, match=r"^task\.ways: 600 ways"):
         EpisodeSampler(pool, 600, 1, 1)
+
+
+def test_affine_warps_follow_the_affine_grid_convention_and_keep_episodes_reproducible(omniglot):
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    identity = torch.tensor([[1.0, 0, 0], [0, 1, 0]], dtype=torch.float64).expand(3, 2, 3)
+    quarter = torch.tensor([[0.0, -1, 0], [1, 0, 0]], dtype=torch.float64).expand(3, 2, 3)
+    assert torch.equal(warp(x, identity), x)
+    assert torch.allclose(warp(x, quarter), torch.rot90(x, 1, dims=(-2, -1)), atol=1e-12)
+    theta = RandomAffine(0.5).theta(4000, np.random.default_rng(0))  # the documented ranges, m = 0.5
+    scale = theta[:, :, :2].det()  # sx·sy (rotation and shear keep area)
+    assert 0.85 ** 2 - 1e-9 <= float(scale.min()) and float(scale.max()) <= 1.15 ** 2 + 1e-9
+    assert float(theta[:, :, 2].abs().max()) <= 0.1 + 1e-12 and float(theta[:, :, 2].abs().max()) > 0.09
+    assert torch.equal(RandomAffine(0.0)(x, np.random.default_rng(0)), x)
+    with pytest.raises(ValueError, match=r"^task\.augment: must be a number in \[0, 2\], got -1"):
+        RandomAffine(-1)
+
+    train, _ = omniglot
+    pool = ClassPool(train.images, train.labels, rotations=4)
+    plain = EpisodeSampler(pool, 5, 1, 2, meta_batch=3)
+    warped = dataclasses.replace(plain, augment=RandomAffine(0.5))
+    a, b = warped.episodes(np.random.default_rng(4)), warped.episodes(np.random.default_rng(4))
+    ref = plain.episodes(np.random.default_rng(4))
+    assert all(torch.equal(u, v) for u, v in zip(a, b))  # a pure function of the generator
+    assert torch.equal(a.classes, ref.classes) and torch.equal(a.query_labels, ref.query_labels)  # same draws
+    assert 0 <= float(a.support.min()) and float(a.support.max()) <= 1
+    diff = (a.query - ref.query).abs().flatten(2).max(-1).values
+    assert bool((diff > 0.1).all())  # every drawing warped, each its own way
+    ink = lambda t: (1 - t).flatten(2).sum(-1)  # noqa: E731  ink mass is roughly kept (scale within ±15 % per axis)
+    assert float((ink(a.query) / ink(ref.query)).sub(1).abs().max()) < 0.5
+    task = make_task("omniglot", width=2, ways=4, meta_batch=2, shots=1, queries=1, rotations=1, augment=0.5)
+    assert task.inner.sampler.augment == RandomAffine(0.5) and task.test.augment is None  # test tasks never warped
+    with pytest.raises(ValueError, match=r"^task\.augment"):
+        make_task("omniglot", width=2, augment=3.0)
 
 
 def test_learn2learn_pipeline_gives_the_same_kind_of_episodes(omniglot):
@@ -243,6 +279,10 @@ def test_maml_batching_is_validated(pool12):
     theta = init_backbone(width=3, depth=2, seed=2, dtype=torch.float64)
     with pytest.raises(ValueError, match="hyper.batching: must be grouped or vmap"):
         meta_loss_and_grad("maml", theta, {"steps": 1, "lr": 0.1, "batching": "loop"}, _episode(pool12))
+    # meta_train refuses it with its settings, before any step (a fomaml learner would have been trained)
+    sampler = EpisodeSampler(pool12, 3, 1, 1)
+    with pytest.raises(ValueError, match="hyper.batching: must be grouped or vmap, got 'loop'"):
+        meta_train("fomaml", sampler, steps=0, theta=theta, hyper={"batching": "loop"})
 
 
 def test_tune_allocator(monkeypatch):
@@ -296,17 +336,29 @@ def test_protonet_meta_gradient_matches_a_loop(pool12):
         assert torch.allclose(g[k], r, atol=1e-10, rtol=1e-8), k
 
 
-def test_hyper_representation_hypergradient_matches_the_dense_implicit_one(omniglot):
+@pytest.mark.parametrize("softmax", ["task", "all"])
+def test_hyper_representation_hypergradient_matches_the_dense_implicit_one(omniglot, softmax):
     """∇h = ∇_x f − ∇²_xy g (∇²_yy g)⁻¹ ∇_y f at y*(x): oracles + CG against dense Jacobians (float64)."""
     task = make_task("omniglot", width=2, depth=4, ways=4, meta_batch=2, shots=1, queries=1, rotations=1,
-                     test_split=None, reg=0.05, dtype="float64")
+                     test_split=None, reg=0.05, dtype="float64", softmax=softmax)
     x, y0 = task.init(seed=0)
     rng = np.random.default_rng(0)
     bi, bo = task.inner.sample(rng)[1], task.outer.sample(rng)[1]
+    if softmax == "all":  # scored against every class; the task's own columns are the task softmax's logits
+        y_rand = torch.randn(y0.shape, dtype=y0.dtype, generator=torch.Generator().manual_seed(1))
+        logits, targets = task._logits(x, y_rand, bi)
+        own, own_targets = dataclasses.replace(task, softmax="task")._logits(x, y_rand, bi)
+        cols = bi.classes.repeat_interleave(bi.support_labels.shape[1], 0)
+        assert logits.shape == (own.shape[0], task.num_classes)
+        assert torch.allclose(torch.gather(logits, 1, cols), own, atol=1e-12)
+        assert torch.equal(targets, torch.gather(cols, 1, own_targets[:, None])[:, 0])
     y = y0.clone()
-    for _ in range(8):  # Newton on the strongly convex lower level: y*(x) to machine precision
+    for _ in range(30):  # damped Newton on the strongly convex lower level: y*(x) to machine precision
         hyy = torch.autograd.functional.hessian(lambda u: task.g(x, u.reshape(y.shape), bi), y.reshape(-1))
-        y = y - torch.linalg.solve(hyy, oracles.grad_y(task.g, x, y, bi).reshape(-1)).reshape(y.shape)
+        step, t = torch.linalg.solve(hyy, oracles.grad_y(task.g, x, y, bi).reshape(-1)).reshape(y.shape), 1.0
+        while task.g(x, y - t * step, bi) > task.g(x, y, bi) and t > 1e-4:
+            t /= 2
+        y = y - t * step
     assert float(oracles.grad_y(task.g, x, y, bi).abs().max()) < 1e-13
     fx, fy = oracles.grad_xy(task.f, x, y, bo)
     op = lambda u: oracles.hvp(task.g, x, y, u.reshape(y.shape), bi).reshape(-1)  # noqa: E731
@@ -355,8 +407,6 @@ def test_save_load_adapt_predict_round_trip(omniglot, tmp_path):
 
 
 def test_trained_learner_beats_the_untrained_one_and_eval_cli_reports_a_ci(omniglot, tmp_path):
-    from bilevel_ray.meta.train import meta_train
-
     train, unseen = omniglot
     sampler = EpisodeSampler(ClassPool(train.images, train.labels, 4), 5, 1, 3, meta_batch=8)
     test = EpisodeSampler(ClassPool(unseen.images, unseen.labels), 5, 1, 5)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from bilevel_ray.meta.fewshot import FewShotLearner
-from bilevel_ray.meta.learners import meta_loss_and_grad
+from bilevel_ray.meta.learners import check_batching, meta_loss_and_grad
 from bilevel_ray.tasks.vision.backbone import init_backbone
 
 __all__ = ["DEFAULTS", "meta_train"]
@@ -41,6 +41,8 @@ def meta_train(kind: str, sampler: Any, *, steps: int | None = None, budget_s: f
     for key in settings:
         if key not in DEFAULTS[kind]:
             raise ValueError(f"hyper.{key}: unknown for {kind}; allowed: {', '.join(DEFAULTS[kind]) or 'none'}")
+    if "batching" in settings:
+        check_batching(settings["batching"])
     params = {k: v.clone().requires_grad_(True) for k, v in
               (theta or init_backbone(width=width, depth=depth, seed=seed, dtype=dtype)).items()}
     opt = torch.optim.Adam(params.values(), lr=meta_lr)

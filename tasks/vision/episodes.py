@@ -10,7 +10,7 @@ also appears rotated by 90°, 180° and 270° as three extra classes (Santoro et
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -102,7 +102,9 @@ def _pick(rng: np.random.Generator, counts: np.ndarray, n: int) -> np.ndarray:
 @dataclass(frozen=True)
 class EpisodeSampler:
     """Meta-batches of ``ways``-way ``shots``-shot tasks with ``queries`` query drawings per class.
-    ``query_pool`` (same classes, other drawings) supplies the queries when given."""
+    ``query_pool`` (same classes, other drawings) supplies the queries when given; ``augment`` (e.g.
+    :class:`~bilevel_ray.tasks.vision.augment.RandomAffine`, for training) warps every drawing with
+    parameters drawn from the same generator."""
 
     pool: ClassPool
     ways: int
@@ -110,6 +112,7 @@ class EpisodeSampler:
     queries: int
     meta_batch: int = 1
     query_pool: ClassPool | None = None
+    augment: Callable[[torch.Tensor, np.random.Generator], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         for name in ("ways", "shots", "meta_batch"):
@@ -147,6 +150,8 @@ class EpisodeSampler:
             sup = self.pool.gather(classes, _pick(rng, counts, k))
             qcounts = self.query_pool._counts[classes // self.pool.rotations]
             qry = self.query_pool.gather(classes, _pick(rng, qcounts, q))
+        if self.augment is not None:
+            sup, qry = self.augment(sup, rng), self.augment(qry, rng)
         labels = torch.arange(n)
         shape = sup.shape[-3:]
         return Episode(sup.reshape(b, n * k, *shape), labels.repeat_interleave(k).expand(b, -1).contiguous(),

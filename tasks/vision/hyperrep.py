@@ -10,7 +10,10 @@ class identity persists across tasks and ``y`` is a genuine shared lower-level v
 ``f(x, y) = E_task CE(head_task(y); query drawings)``,
 
 with support and query drawn from disjoint drawings of each character (the first
-``support_drawings`` and the rest). New classes are handled by fitting a fresh head on the support
+``support_drawings`` and the rest). With ``softmax="all"`` a drawing is scored against every row of
+``y`` (every training class), not only its task's: each step then pushes every head away from the
+batch's drawings of other classes, as in classifier pre-training (Tian et al. 2020), and the lower
+level stays strongly convex. New classes are handled by fitting a fresh head on the support
 embeddings (:func:`~bilevel_ray.meta.learners.fit_head`); ``metrics`` reports that few-shot accuracy
 on the test split's unseen alphabets. Decentralized agents each take their own alphabets.
 """
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from bilevel_ray.params import hp
 from bilevel_ray.tasks import Task, register_task
 from bilevel_ray.tasks._data import DTYPES
+from bilevel_ray.tasks.vision.augment import RandomAffine
 from bilevel_ray.tasks.vision.backbone import feature_dim, features, init_backbone
 from bilevel_ray.tasks.vision.episodes import ClassPool, EpisodeSampler
 from bilevel_ray.tasks.vision.omniglot import SPLITS, load_omniglot
@@ -46,9 +50,12 @@ class OmniglotTask(Task):
     queries: int = hp(5, low=1, strict=False, doc="query drawings per class (upper level)")
     meta_batch: int = hp(4, low=1, strict=False, doc="tasks per minibatch")
     rotations: int = hp(4, choices=(1, 4), doc="4: rotated characters are extra classes")
+    augment: float = hp(0.0, low=0, high=2, strict=False, doc="magnitude of random affine warps of training drawings (0: none)")
     support_drawings: int = hp(10, low=1, strict=False, doc="first drawings of each character for the lower level")
     width: int = hp(32, low=1, strict=False, doc="channels of the conv backbone")
     depth: int = hp(4, low=1, high=4, strict=False, doc="conv blocks")
+    softmax: str = hp("task", choices=("task", "all"),
+                      doc="classes a drawing is scored against: its task's ways, or every training class")
     reg: float = hp(1e-3, low=0, doc="ridge weight of the heads (strong convexity)")
     temperature: float = hp(10.0, low=0, doc="features are L2-normalised and scaled by this")
     head_steps: int = hp(50, low=0, strict=False, doc="gradient steps fitting a new task's head")
@@ -78,21 +85,28 @@ class OmniglotTask(Task):
 
     def _sampler(self, pool: ClassPool, shots: int, name: str, classes: np.ndarray | None = None) -> "_TaskSampler":
         try:
-            return _TaskSampler(EpisodeSampler(pool, self.ways, shots, 0, self.meta_batch), classes, self.seed)
+            warps = RandomAffine(self.augment) if self.augment > 0 else None
+            return _TaskSampler(EpisodeSampler(pool, self.ways, shots, 0, self.meta_batch, augment=warps), classes,
+                                self.seed)
         except ValueError as err:
             raise ValueError(str(err).replace("task.shots", f"task.{name}")) from None
 
     # -- the bilevel problem -------------------------------------------------------------------------
-    def _logits(self, x: dict[str, torch.Tensor], y: torch.Tensor, batch: Any) -> torch.Tensor:
-        """``(B·n, ways)`` logits of the batch's images under their tasks' heads (rows of ``y``)."""
+    def _logits(self, x: dict[str, torch.Tensor], y: torch.Tensor, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of the batch's images and their targets: ``(B·n, ways)`` under their tasks' heads (rows
+        of ``y``) with ``softmax="task"``, ``(B·n, classes)`` under every head with ``"all"``."""
         images, classes = batch.support, batch.classes
         b, n = batch.support_labels.shape
         feats = features(x, images.reshape(b * n, *images.shape[2:]).to(y.dtype), self.temperature).reshape(b, n, -1)
+        if self.softmax == "all":
+            return (F.linear(feats.reshape(b * n, -1), y[:, :-1], y[:, -1]),
+                    torch.gather(classes, 1, batch.support_labels).reshape(-1))
         heads = y[classes]
-        return (torch.einsum("bnd,bkd->bnk", feats, heads[..., :-1]) + heads[..., -1][:, None, :]).reshape(b * n, -1)
+        logits = torch.einsum("bnd,bkd->bnk", feats, heads[..., :-1]) + heads[..., -1][:, None, :]
+        return logits.reshape(b * n, -1), batch.support_labels.reshape(-1)
 
     def _loss(self, x: dict[str, torch.Tensor], y: torch.Tensor, batch: Any) -> torch.Tensor:
-        return F.cross_entropy(self._logits(x, y, batch), batch.support_labels.reshape(-1))
+        return F.cross_entropy(*self._logits(x, y, batch))
 
     def g(self, x: dict[str, torch.Tensor], y: torch.Tensor, batch: Any) -> torch.Tensor:
         return self._loss(x, y, batch) + 0.5 * self.reg * (y * y).sum()
@@ -139,10 +153,8 @@ class OmniglotTask(Task):
                                "train_split": self.train_split, "size": int(self.data.images.shape[-1])})
 
     def metrics(self, x: dict[str, torch.Tensor], y: torch.Tensor) -> dict[str, float]:
-        batch = self.outer.full()
-        labels = batch.support_labels.reshape(-1)
         with torch.no_grad():  # one forward pass for both (f is the cross-entropy of these logits)
-            logits = self._logits(x, y, batch)
+            logits, labels = self._logits(x, y, self.outer.full())
         out = {"outer_objective": float(F.cross_entropy(logits, labels)),
                "query_acc": float((logits.argmax(1) == labels).double().mean())}
         if self.test is not None:
