@@ -29,8 +29,8 @@ from torch.func import grad, grad_and_value, vjp, vmap
 
 from bilevel_ray.tasks.vision.backbone import embed, embed_tasks, feature_dim, features
 
-__all__ = ["KINDS", "BATCHINGS", "check_batching", "with_head", "forward", "maml_adapt", "maml_task_loss", "imaml_solve", "imaml_task_grad",
-           "proto_logits", "fit_head", "head_logits", "task_logits", "maml_meta_grad", "meta_loss_and_grad", "cg_fixed"]
+__all__ = ["KINDS", "BATCHINGS", "check_batching", "with_head", "forward", "maml_adapt", "maml_task_loss",
+           "imaml_solve", "imaml_task_grad", "proto_logits", "fit_head", "head_logits", "task_logits", "maml_meta_grad", "meta_loss_and_grad", "cg_fixed"]
 
 Params = dict[str, torch.Tensor]
 KINDS = ("maml", "fomaml", "imaml", "protonet", "hyperrep")
@@ -221,10 +221,11 @@ def meta_loss_and_grad(kind: str, theta: Params, hyper: dict[str, Any], episode:
         losses, grads = per(*args)
         return losses.mean(), _map(lambda g: g.mean(0), grads)
     if kind in ("maml", "fomaml"):
-        check_batching(hyper.get("batching", "grouped"))
-    if kind in ("maml", "fomaml") and hyper.get("batching", "grouped") == "grouped":
-        return maml_meta_grad(theta, episode, steps=hyper["steps"], lr=hyper["lr"], first_order=kind == "fomaml")
-    if kind in ("maml", "fomaml"):
+        batching = hyper.get("batching", "grouped")
+        check_batching(batching)
+        if batching == "grouped":
+            return maml_meta_grad(theta, episode, steps=hyper["steps"], lr=hyper["lr"], first_order=kind == "fomaml")
+
         def total(th: Params) -> torch.Tensor:
             return vmap(lambda s, sl, q, ql: maml_task_loss(th, s, sl, q, ql, ways=ways, steps=hyper["steps"],
                                                             lr=hyper["lr"], first_order=kind == "fomaml"))(*args).mean()

@@ -85,9 +85,8 @@ class OmniglotTask(Task):
 
     def _sampler(self, pool: ClassPool, shots: int, name: str, classes: np.ndarray | None = None) -> "_TaskSampler":
         try:
-            warps = RandomAffine(self.augment) if self.augment > 0 else None
-            return _TaskSampler(EpisodeSampler(pool, self.ways, shots, 0, self.meta_batch, augment=warps), classes,
-                                self.seed)
+            sampler = EpisodeSampler(pool, self.ways, shots, 0, self.meta_batch, augment=RandomAffine(self.augment))
+            return _TaskSampler(sampler, classes, self.seed)
         except ValueError as err:
             raise ValueError(str(err).replace("task.shots", f"task.{name}")) from None
 
