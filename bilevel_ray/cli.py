@@ -84,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--queries", type=int, default=15, help="query images per class")
     ev.add_argument("--tasks", type=int, help="tasks to adapt to (default: 600 few-shot, 100 meta-RL)")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--support-warps", type=int, metavar="N", help="few-shot: adapt to each support drawing plus "
+                    "N randomly warped copies (default: the learner's setting, none unless it was saved with some)")
+    ev.add_argument("--warp-magnitude", type=float, default=1.0, help="few-shot: magnitude of those warps, in [0, 2]")
     ev.add_argument("--episodes", type=int, default=10, help="meta-RL: episodes per task and adaptation step")
     ev.add_argument("--adapt-steps", type=int, help="meta-RL: adaptation steps (default: the run's task.adapt_steps)")
     ev.add_argument("--video", metavar="GIF", help="meta-RL: write an animated GIF of adapted episodes "
@@ -148,6 +151,8 @@ def _eval_fewshot(args: argparse.Namespace) -> int:
 
     try:
         learner = load(args.checkpoint)
+        if args.support_warps is not None:
+            learner = learner.with_support_warps(args.support_warps, args.warp_magnitude)
         data = load_omniglot(args.split, root=args.root, size=learner.size)
         trained_on = learner.hyper.get("train_split")
         if trained_on and not args.all_alphabets:
@@ -155,9 +160,12 @@ def _eval_fewshot(args: argparse.Namespace) -> int:
         sampler = EpisodeSampler(ClassPool(data.images, data.labels), args.ways, args.shots, args.queries)
         mean, half, _ = evaluate(learner, sampler, tasks=args.tasks, seed=args.seed)
     except (ValueError, FileNotFoundError) as e:
-        return _error(str(e).replace("task.", "--"), 2)
+        return _error(str(e).replace("task.", "--").replace("support_warp_magnitude", "--warp-magnitude")
+                      .replace("support_warps", "--support-warps"), 2)
     which = "all alphabets" if args.all_alphabets or not trained_on else f"alphabets not in {trained_on}"
-    print(f"{learner.kind}: {args.ways}-way {args.shots}-shot accuracy on {args.split} ({which}, "
+    copies = learner.hyper.get("support_warps", 0)
+    warps = f", support + {copies} warped copies" if copies else ""
+    print(f"{learner.kind}{warps}: {args.ways}-way {args.shots}-shot accuracy on {args.split} ({which}, "
           f"{len(data.classes)} characters), {args.tasks} tasks: {mean:.4f} ± {half:.4f} (95% interval)")
     return 0
 

@@ -406,6 +406,34 @@ def test_save_load_adapt_predict_round_trip(omniglot, tmp_path):
         load(tmp_path / "other.pt")
 
 
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_support_warps_add_warped_copies_and_stay_deterministic(pool12, kind):
+    theta = init_backbone(width=4, depth=2, seed=1, dtype=torch.float64)
+    learner = FewShotLearner(kind, theta, {**KINDS[kind], "size": 12})
+    ep = _episode(pool12, tasks=2)
+    plain = learner.episode_logits(ep.support, ep.support_labels, ep.query, 4)
+    assert torch.equal(learner.with_support_warps(0).episode_logits(ep.support, ep.support_labels, ep.query, 4), plain)
+    # identity warps duplicate the support set: every kind's adaptation (prototype means, mean losses) is unchanged
+    same = learner.with_support_warps(3, magnitude=0).episode_logits(ep.support, ep.support_labels, ep.query, 4)
+    assert torch.allclose(same, plain, atol=1e-9)
+    warped = learner.with_support_warps(3)
+    support, labels = warped._warped(ep.support, ep.support_labels)
+    n = ep.support.shape[1]
+    assert support.shape == (2, 4 * n, *ep.support.shape[2:]) and torch.equal(support[:, :n], ep.support)
+    assert torch.equal(labels, ep.support_labels.repeat(1, 4)) and 0 <= support.min() and support.max() <= 1
+    copies = support[:, n:].unflatten(1, (3, n))
+    assert all(float((copies[:, c] - ep.support).abs().amax()) > 0.1 for c in range(3))
+    first = warped.episode_logits(ep.support, ep.support_labels, ep.query, 4)
+    assert torch.equal(first, warped.episode_logits(ep.support, ep.support_labels, ep.query, 4))
+    assert not torch.allclose(first, plain, atol=1e-6)
+    back = FewShotLearner(kind, theta, dict(warped.hyper))
+    assert torch.equal(back.episode_logits(ep.support, ep.support_labels, ep.query, 4), first)
+    for bad, match in (((-1,), r"^support_warps: must be an integer >= 0"), ((2.5,), r"^support_warps:"),
+                       ((2, 3.0), r"^support_warp_magnitude: must be a number in \[0, 2\]")):
+        with pytest.raises(ValueError, match=match):
+            learner.with_support_warps(*bad)
+
+
 def test_trained_learner_beats_the_untrained_one_and_eval_cli_reports_a_ci(omniglot, tmp_path):
     train, unseen = omniglot
     sampler = EpisodeSampler(ClassPool(train.images, train.labels, 4), 5, 1, 3, meta_batch=8)
@@ -426,6 +454,28 @@ def test_trained_learner_beats_the_untrained_one_and_eval_cli_reports_a_ci(omnig
     bad = subprocess.run([sys.executable, "-m", "bilevel_ray.cli", "eval", str(tmp_path / "nope.pt")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "nope.pt does not exist" in bad.stderr
+    warps = subprocess.run([sys.executable, "-m", "bilevel_ray.cli", "eval", str(tmp_path / "learner.pt"),
+                            "--tasks", "200", "--support-warps", "4"], capture_output=True, text=True)
+    assert warps.returncode == 0, warps.stderr
+    assert "support + 4 warped copies" in warps.stdout and "200 tasks" in warps.stdout
+    mean = float(warps.stdout.split(": ")[-1].split(" ± ")[0])
+    assert abs(mean - evaluate(learner.with_support_warps(4), test, tasks=200)[0]) < 0.06
+    worse = subprocess.run([sys.executable, "-m", "bilevel_ray.cli", "eval", str(tmp_path / "learner.pt"),
+                            "--support-warps", "2", "--warp-magnitude", "3"], capture_output=True, text=True)
+    assert worse.returncode == 2 and "--warp-magnitude: must be a number in [0, 2]" in worse.stderr
+
+
+def test_cosine_schedule_decays_the_meta_learning_rate_to_zero(pool12):
+    sampler = EpisodeSampler(pool12, 3, 1, 1, meta_batch=1)
+    rows = []
+    meta_train("protonet", sampler, steps=4, width=4, depth=1, meta_lr=0.01, schedule="cosine", log=rows.append, log_every=1)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert np.allclose([r["lr"] for r in rows], [0.01 * (1 + np.cos(np.pi * t / 4)) / 2 for t in range(4)])
+    flat = []
+    meta_train("protonet", sampler, steps=2, width=4, depth=1, meta_lr=0.01, log=flat.append, log_every=1)
+    assert [r["lr"] for r in flat] == [0.01, 0.01]
+    with pytest.raises(ValueError, match=r"^schedule: must be constant or cosine, got 'linear'"):
+        meta_train("protonet", sampler, steps=2, schedule="linear")
 
 
 def test_run_exports_a_learner_that_the_api_loads(omniglot, tmp_path):

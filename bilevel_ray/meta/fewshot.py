@@ -13,7 +13,7 @@ strings and numbers only and load with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,6 +23,7 @@ from torch.func import vmap
 
 from bilevel_ray.files import atomic_write
 from bilevel_ray.meta.learners import KINDS, task_logits
+from bilevel_ray.tasks.vision.augment import RandomAffine
 
 __all__ = ["FORMAT", "Prediction", "FewShotLearner", "load", "evaluate", "mean_ci95"]
 
@@ -53,7 +54,8 @@ def _images(x: Any, size: int, dtype: torch.dtype, name: str) -> torch.Tensor:
 class FewShotLearner:
     """A meta-trained learner: ``kind`` (one of ``KINDS``), its meta-parameters and the adaptation
     settings it was trained with (``steps``, ``lr``, ``lam``, ``cg_iters``, ``reg``, ``head_steps``,
-    ``size``)."""
+    ``size``), and its test-time support warps (``support_warps`` copies of magnitude
+    ``support_warp_magnitude``, see :meth:`with_support_warps`)."""
 
     kind: str
     params: dict[str, torch.Tensor]
@@ -71,6 +73,27 @@ class FewShotLearner:
     def dtype(self) -> torch.dtype:
         return next(iter(self.params.values())).dtype
 
+    def with_support_warps(self, copies: int, magnitude: float = 1.0) -> "FewShotLearner":
+        """This learner adapting to each support drawing plus ``copies`` randomly warped copies of it
+        (:class:`~bilevel_ray.tasks.vision.augment.RandomAffine` of ``magnitude``; test-time augmentation of
+        the support set: prototypes average the copies, heads and MAML's steps fit them all). The warps
+        come from a fixed generator, so a prediction is a pure function of the support and query images.
+        ``copies=0`` turns them off."""
+        if not (isinstance(copies, int) and not isinstance(copies, bool) and copies >= 0):
+            raise ValueError(f"support_warps: must be an integer >= 0, got {copies!r}")
+        if not (isinstance(magnitude, (int, float)) and 0 <= magnitude <= 2):
+            raise ValueError(f"support_warp_magnitude: must be a number in [0, 2], got {magnitude!r}")
+        return replace(self, hyper={**self.hyper, "support_warps": copies, "support_warp_magnitude": float(magnitude)})
+
+    def _warped(self, support: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Support ``(B, n, ...)`` and labels ``(B, n)`` followed by ``support_warps`` warped copies of them."""
+        copies = int(self.hyper.get("support_warps", 0))
+        if copies == 0:
+            return support, labels
+        warp, rng = RandomAffine(self.hyper.get("support_warp_magnitude", 1.0)), np.random.default_rng(2718)
+        return (torch.cat([support] + [warp(support, rng) for _ in range(copies)], 1),
+                labels.repeat(1, copies + 1))
+
     def adapt(self, support_images: torch.Tensor, support_labels: torch.Tensor) -> "Adapted":
         """Adapt to one N-way task (N = number of distinct labels, ``0..N-1``)."""
         sup = _images(support_images, self.size, self.dtype, "support_images")
@@ -87,7 +110,8 @@ class FewShotLearner:
     def episode_logits(self, support, support_labels, query, ways: int) -> torch.Tensor:
         """Query logits of a batch of tasks ``(B, n, 1, S, S)``, adapted in one vmapped call."""
         fn = lambda s, sl, q: task_logits(self.kind, self.params, self.hyper, s, sl, q, ways)  # noqa: E731
-        return vmap(fn)(support.to(self.dtype), support_labels, query.to(self.dtype)).detach()
+        support, support_labels = self._warped(support.to(self.dtype), support_labels)
+        return vmap(fn)(support, support_labels, query.to(self.dtype)).detach()
 
     def save(self, path: str | Path) -> None:
         """Write the checkpoint atomically (a crash leaves any previous file intact)."""

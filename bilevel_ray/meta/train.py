@@ -1,8 +1,10 @@
 """Episodic meta-training of the baselines (MAML, first-order MAML, iMAML, prototypical networks):
-Adam on the meta-parameters, one vmapped meta-gradient per meta-batch, reproducible from ``seed``."""
+Adam on the meta-parameters, one vmapped meta-gradient per meta-batch, reproducible from ``seed``,
+at a constant meta learning rate or one decayed to zero along a half cosine (Loshchilov & Hutter 2017)."""
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable
 
@@ -13,7 +15,11 @@ from bilevel_ray.meta.fewshot import FewShotLearner
 from bilevel_ray.meta.learners import check_batching, meta_loss_and_grad
 from bilevel_ray.tasks.vision.backbone import init_backbone
 
-__all__ = ["DEFAULTS", "meta_train"]
+__all__ = ["DEFAULTS", "SCHEDULES", "meta_train"]
+
+#: meta learning-rate schedules: constant, or ``lr · (1 + cos(π · progress)) / 2``, with progress the
+#: fraction of ``steps`` done or of ``budget_s`` elapsed, whichever is further
+SCHEDULES = ("constant", "cosine")
 
 #: adaptation settings of each kind (``lr``/``steps``: inner SGD; ``batching``: MAML's batched form,
 #: ``"grouped"`` or ``"vmap"``; ``lam``/``cg_iters``: iMAML)
@@ -25,18 +31,28 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+def _progress(t: int, steps: int | None, elapsed: float, budget_s: float | None) -> float:
+    """How far training is, in [0, 1) until it stops: the larger of the step and time fractions."""
+    by_steps = 0.0 if steps is None else (t / steps if steps > 0 else 1.0)
+    by_time = 0.0 if budget_s is None else (elapsed / budget_s if budget_s > 0 else 1.0)
+    return max(by_steps, by_time)
+
+
 def meta_train(kind: str, sampler: Any, *, steps: int | None = None, budget_s: float | None = None,
                meta_lr: float = 1e-3, width: int = 64, depth: int = 4, seed: int = 0,
                dtype: torch.dtype = torch.float32, hyper: dict[str, Any] | None = None,
                theta: dict[str, torch.Tensor] | None = None, log: Callable[[dict[str, float]], None] | None = None,
-               log_every: int = 50, train_split: str | None = None) -> FewShotLearner:
+               log_every: int = 50, train_split: str | None = None, schedule: str = "constant") -> FewShotLearner:
     """Meta-train a learner of ``kind`` on ``sampler``'s meta-batches for ``steps`` steps or until
-    ``budget_s`` seconds of wall time, whichever comes first. ``train_split`` is recorded in the
-    learner (``bilevel-ray eval`` then tests on the other alphabets only)."""
+    ``budget_s`` seconds of wall time, whichever comes first, with ``meta_lr`` following ``schedule``
+    (one of ``SCHEDULES``). ``train_split`` is recorded in the learner (``bilevel-ray eval`` then tests
+    on the other alphabets only)."""
     if kind not in DEFAULTS:
         raise ValueError(f"kind: must be one of {', '.join(DEFAULTS)}, got {kind!r}")
     if steps is None and budget_s is None:
         raise ValueError("meta_train: give steps or budget_s")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule: must be {' or '.join(SCHEDULES)}, got {schedule!r}")
     settings = {**DEFAULTS[kind], **(hyper or {})}
     for key in settings:
         if key not in DEFAULTS[kind]:
@@ -47,7 +63,9 @@ def meta_train(kind: str, sampler: Any, *, steps: int | None = None, budget_s: f
               (theta or init_backbone(width=width, depth=depth, seed=seed, dtype=dtype)).items()}
     opt = torch.optim.Adam(params.values(), lr=meta_lr)
     start, t = time.perf_counter(), 0
-    while (steps is None or t < steps) and (budget_s is None or time.perf_counter() - start < budget_s):
+    while (progress := _progress(t, steps, time.perf_counter() - start, budget_s)) < 1:
+        if schedule == "cosine":
+            opt.param_groups[0]["lr"] = meta_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
         episode = sampler.episodes(np.random.default_rng([seed, 0, t]))
         loss, grads = meta_loss_and_grad(kind, {k: v.detach() for k, v in params.items()}, settings, episode)
         for k, p in params.items():
@@ -55,7 +73,7 @@ def meta_train(kind: str, sampler: Any, *, steps: int | None = None, budget_s: f
         opt.step()
         t += 1
         if log is not None and (t % log_every == 0):
-            log({"step": t, "wall": time.perf_counter() - start, "loss": float(loss)})
+            log({"step": t, "wall": time.perf_counter() - start, "loss": float(loss), "lr": opt.param_groups[0]["lr"]})
     size = int(sampler.pool.images.shape[-1])
     return FewShotLearner(kind, {k: v.detach().clone() for k, v in params.items()},
                           {**settings, "size": size, "steps_trained": t, "train_split": train_split})
