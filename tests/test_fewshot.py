@@ -428,6 +428,8 @@ def test_support_warps_add_warped_copies_and_stay_deterministic(pool12, kind):
     assert not torch.allclose(first, plain, atol=1e-6)
     back = FewShotLearner(kind, theta, dict(warped.hyper))
     assert torch.equal(back.episode_logits(ep.support, ep.support_labels, ep.query, 4), first)
+    alone = warped.adapt(ep.support[1], ep.support_labels[1])(ep.query[1]).logits  # same warps outside a batch
+    assert torch.allclose(alone, first[1], atol=1e-9)
     for bad, match in (((-1,), r"^support_warps: must be an integer >= 0"), ((2.5,), r"^support_warps:"),
                        ((2, 3.0), r"^support_warp_magnitude: must be a number in \[0, 2\]")):
         with pytest.raises(ValueError, match=match):

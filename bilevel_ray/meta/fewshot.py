@@ -23,7 +23,7 @@ from torch.func import vmap
 
 from bilevel_ray.files import atomic_write
 from bilevel_ray.meta.learners import KINDS, task_logits
-from bilevel_ray.tasks.vision.augment import RandomAffine
+from bilevel_ray.tasks.vision.augment import RandomAffine, warp
 
 __all__ = ["FORMAT", "Prediction", "FewShotLearner", "load", "evaluate", "mean_ci95"]
 
@@ -77,7 +77,7 @@ class FewShotLearner:
         """This learner adapting to each support drawing plus ``copies`` randomly warped copies of it
         (:class:`~bilevel_ray.tasks.vision.augment.RandomAffine` of ``magnitude``; test-time augmentation of
         the support set: prototypes average the copies, heads and MAML's steps fit them all). The warps
-        come from a fixed generator, so a prediction is a pure function of the support and query images.
+        come from fixed seeds, so a prediction is a pure function of the support and query images.
         ``copies=0`` turns them off."""
         if not (isinstance(copies, int) and not isinstance(copies, bool) and copies >= 0):
             raise ValueError(f"support_warps: must be an integer >= 0, got {copies!r}")
@@ -86,13 +86,17 @@ class FewShotLearner:
         return replace(self, hyper={**self.hyper, "support_warps": copies, "support_warp_magnitude": float(magnitude)})
 
     def _warped(self, support: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Support ``(B, n, ...)`` and labels ``(B, n)`` followed by ``support_warps`` warped copies of them."""
+        """Support ``(B, n, ...)`` and labels ``(B, n)`` followed by ``support_warps`` warped copies of them.
+        Copy ``c`` of the ``i``-th drawing gets the same warp in every task (drawn from seed ``(2718, c)``),
+        so a task's prediction does not depend on the other tasks of its batch."""
         copies = int(self.hyper.get("support_warps", 0))
         if copies == 0:
             return support, labels
-        warp, rng = RandomAffine(self.hyper.get("support_warp_magnitude", 1.0)), np.random.default_rng(2718)
-        return (torch.cat([support] + [warp(support, rng) for _ in range(copies)], 1),
-                labels.repeat(1, copies + 1))
+        augment, (b, n) = RandomAffine(self.hyper.get("support_warp_magnitude", 1.0)), labels.shape
+        flat = support.flatten(0, 1)
+        out = [support] + [warp(flat, augment.theta(n, np.random.default_rng([2718, c])).repeat(b, 1, 1))
+                           .clamp_(0.0, 1.0).view_as(support) for c in range(copies)]
+        return torch.cat(out, 1), labels.repeat(1, copies + 1)
 
     def adapt(self, support_images: torch.Tensor, support_labels: torch.Tensor) -> "Adapted":
         """Adapt to one N-way task (N = number of distinct labels, ``0..N-1``)."""
