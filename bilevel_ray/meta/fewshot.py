@@ -19,10 +19,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.func import vmap
 
 from bilevel_ray.files import atomic_write
-from bilevel_ray.meta.learners import KINDS, task_logits
+from bilevel_ray.meta.learners import KINDS, episode_task_logits
 from bilevel_ray.tasks.vision.augment import RandomAffine, warp
 
 __all__ = ["FORMAT", "Prediction", "FewShotLearner", "load", "evaluate", "mean_ci95"]
@@ -112,10 +111,12 @@ class FewShotLearner:
         return Adapted(self, sup, labels, ways)
 
     def episode_logits(self, support, support_labels, query, ways: int) -> torch.Tensor:
-        """Query logits of a batch of tasks ``(B, n, 1, S, S)``, adapted in one vmapped call."""
-        fn = lambda s, sl, q: task_logits(self.kind, self.params, self.hyper, s, sl, q, ways)  # noqa: E731
+        """Query logits of a batch of tasks ``(B, n, 1, S, S)``, all adapted at once
+        (:func:`~bilevel_ray.meta.learners.episode_task_logits`)."""
         support, support_labels = self._warped(support.to(self.dtype), support_labels)
-        return vmap(fn)(support, support_labels, query.to(self.dtype)).detach()
+        with torch.no_grad():
+            return episode_task_logits(self.kind, self.params, self.hyper, support, support_labels,
+                                       query.to(self.dtype), ways)
 
     def save(self, path: str | Path) -> None:
         """Write the checkpoint atomically (a crash leaves any previous file intact)."""

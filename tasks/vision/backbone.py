@@ -37,12 +37,20 @@ def init_backbone(*, width: int = 64, depth: int = 4, channels: int = 1, seed: i
     return params
 
 
-def embed(params: Params, images: torch.Tensor) -> torch.Tensor:
-    """Features ``(n, feature_dim)`` of images ``(n, 1, S, S)``."""
+def embed(params: Params, images: torch.Tensor, *, channels_last: bool = False) -> torch.Tensor:
+    """Features ``(n, feature_dim)`` of images ``(n, 1, S, S)``. ``channels_last=True`` keeps the
+    activations channels-last after the first convolution: the same function, and on CPU max-pooling
+    runs about 6x and the forward pass about 2x faster (reverse passes 1.2-1.4x); ``torch.func.vmap``
+    does not support that layout change, so per-task (vmapped) callers leave it off."""
     h = 1.0 - images
     i = 0
     while f"conv{i}.weight" in params:
-        h = F.conv2d(h, params[f"conv{i}.weight"], params[f"conv{i}.bias"], padding=1)
+        w = params[f"conv{i}.weight"]
+        if channels_last and i > 0:
+            w = w.contiguous(memory_format=torch.channels_last)
+        h = F.conv2d(h, w, params[f"conv{i}.bias"], padding=1)
+        if channels_last and i == 0:
+            h = h.contiguous(memory_format=torch.channels_last)
         h = F.group_norm(h, 1, params[f"norm{i}.weight"], params[f"norm{i}.bias"])
         h = F.relu(F.max_pool2d(h, 2))  # = max-pool of the ReLU (both monotone), on a quarter of the values
         i += 1
@@ -73,9 +81,9 @@ def embed_tasks(params: Params, images: torch.Tensor) -> torch.Tensor:
     return h.reshape(n, tasks, -1).transpose(0, 1)
 
 
-def features(params: Params, images: torch.Tensor, temperature: float) -> torch.Tensor:
+def features(params: Params, images: torch.Tensor, temperature: float, *, channels_last: bool = False) -> torch.Tensor:
     """Embeddings scaled to norm ``temperature`` (cosine-classifier features: bounded logit curvature)."""
-    h = embed(params, images)
+    h = embed(params, images, channels_last=channels_last)
     return temperature * h / (h.norm(dim=-1, keepdim=True) + 1e-8)
 
 

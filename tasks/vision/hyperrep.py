@@ -96,7 +96,8 @@ class OmniglotTask(Task):
         of ``y``) with ``softmax="task"``, ``(B·n, classes)`` under every head with ``"all"``."""
         images, classes = batch.support, batch.classes
         b, n = batch.support_labels.shape
-        feats = features(x, images.reshape(b * n, *images.shape[2:]).to(y.dtype), self.temperature).reshape(b, n, -1)
+        feats = features(x, images.reshape(b * n, *images.shape[2:]).to(y.dtype), self.temperature,
+                         channels_last=True).reshape(b, n, -1)
         if self.softmax == "all":
             return (F.linear(feats.reshape(b * n, -1), y[:, :-1], y[:, -1]),
                     torch.gather(classes, 1, batch.support_labels).reshape(-1))
