@@ -17,8 +17,8 @@ from torch.func import grad
 from bilevel_ray import algorithms as A, linalg, oracles, tree
 from bilevel_ray.allocator import tune_allocator
 from bilevel_ray.meta import FewShotLearner, evaluate, load
-from bilevel_ray.meta.learners import (cg_fixed, imaml_solve, imaml_task_grad, maml_adapt, meta_loss_and_grad,
-                                       task_logits, with_head)
+from bilevel_ray.meta.learners import (cg_fixed, episode_task_logits, imaml_solve, imaml_task_grad, maml_adapt,
+                                       meta_loss_and_grad, task_logits, with_head)
 from bilevel_ray.meta.train import meta_train
 from bilevel_ray.tasks import make_task
 from bilevel_ray.tasks.vision.augment import RandomAffine, warp
@@ -113,7 +113,7 @@ def test_affine_warps_follow_the_affine_grid_convention_and_keep_episodes_reprod
     assert 0.85 ** 2 - 1e-9 <= float(scale.min()) and float(scale.max()) <= 1.15 ** 2 + 1e-9
     assert float(theta[:, :, 2].abs().max()) <= 0.1 + 1e-12 and float(theta[:, :, 2].abs().max()) > 0.09
     assert torch.equal(RandomAffine(0.0)(x, np.random.default_rng(0)), x)
-    with pytest.raises(ValueError, match=r"^task\.augment: must be a number in \[0, 2\], got -1"):
+    with pytest.raises(ValueError, match=r"^RandomAffine\.magnitude: must be a number in \[0, 2\], got -1"):
         RandomAffine(-1)
 
     train, _ = omniglot
@@ -273,6 +273,36 @@ def test_embed_tasks_is_embed_per_task(pool12):
         assert torch.allclose(out[b], ref, atol=1e-12)
         for g, r in zip(grads, torch.autograd.grad((ref * w[b]).sum(), list(leaves.values()))):
             assert torch.allclose(g[b], r, atol=1e-10)
+
+
+def test_channels_last_embedding_is_the_same_function(pool12):
+    """``embed(channels_last=True)`` (the layout the batched, non-vmapped paths use) equals the default
+    layout in values, gradients and second-order products (float64; depth 3 takes an odd size through
+    the pooling)."""
+    ep = _episode(pool12, tasks=1, seed=3)
+    theta = {k: v.requires_grad_(True) for k, v in init_backbone(width=3, depth=3, seed=4, dtype=torch.float64).items()}
+    w = torch.randn(ep.query.shape[1], feature_dim(theta, 12), dtype=torch.float64)
+    firsts, seconds = [], []
+    for cl in (False, True):
+        out = embed(theta, ep.query[0], channels_last=cl)
+        firsts.append(out)
+        g = torch.autograd.grad((out * w).square().sum(), list(theta.values()), create_graph=True)
+        seconds.append(list(g) + list(torch.autograd.grad(sum(x.sum() for x in g), list(theta.values()))))
+    assert torch.allclose(firsts[0], firsts[1], atol=1e-12)
+    for a, b in zip(*seconds):
+        assert torch.allclose(a, b, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["protonet", "hyperrep"])
+def test_test_time_embedding_in_chunks_gives_the_same_logits(pool12, kind, monkeypatch):
+    import bilevel_ray.meta.learners as learners
+
+    theta = init_backbone(width=4, depth=2, seed=1, dtype=torch.float64)
+    ep = _episode(pool12)
+    whole = episode_task_logits(kind, theta, KINDS[kind], ep.support, ep.support_labels, ep.query, ep.ways)
+    monkeypatch.setattr(learners, "EMBED_CHUNK", 5)  # 45 images: nine calls, the tasks cut across them
+    chunked = episode_task_logits(kind, theta, KINDS[kind], ep.support, ep.support_labels, ep.query, ep.ways)
+    assert torch.allclose(whole, chunked, atol=1e-12)
 
 
 def test_maml_batching_is_validated(pool12):

@@ -33,7 +33,7 @@ class RandomAffine:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.magnitude, (int, float)) and 0 <= self.magnitude <= 2):
-            raise ValueError(f"task.augment: must be a number in [0, 2], got {self.magnitude!r}")
+            raise ValueError(f"RandomAffine.magnitude: must be a number in [0, 2], got {self.magnitude!r}")
 
     def theta(self, n: int, rng: np.random.Generator) -> torch.Tensor:
         """``(n, 2, 3)`` warps drawn from ``rng``."""
