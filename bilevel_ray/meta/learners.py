@@ -184,10 +184,8 @@ def proto_meta_loss(theta: Params, episode: Any) -> torch.Tensor:
     """Mean query cross-entropy of prototypical networks over the episode's tasks, every image of every
     task embedded in one batch (the embedding does not depend on the task, so no ``vmap`` is needed:
     one large batch runs faster than vmap's per-layer rewriting)."""
-    tasks, n = episode.support.shape[:2]
-    images = torch.cat([episode.support, episode.query], 1).flatten(0, 1)
-    feats = embed(theta, images, channels_last=True).unflatten(0, (tasks, -1))
-    logits = _proto_scores(feats[:, :n], episode.support_labels, feats[:, n:], episode.ways)
+    logits = episode_task_logits("protonet", theta, {}, episode.support, episode.support_labels, episode.query,
+                                 episode.ways)
     return F.cross_entropy(logits.flatten(0, 1), episode.query_labels.flatten())
 
 
@@ -239,12 +237,12 @@ def episode_task_logits(kind: str, theta: Params, hyper: dict[str, Any], support
     tasks, n = support.shape[:2]
     images = torch.cat([support, query], 1).flatten(0, 1)
     if kind == "protonet":
-        feats = torch.cat([embed(theta, part, channels_last=True) for part in images.split(EMBED_CHUNK)])
-        feats = feats.unflatten(0, (tasks, -1))
+        embedding = lambda part: embed(theta, part, channels_last=True)  # noqa: E731
+    else:
+        embedding = lambda part: features(theta, part, hyper["temperature"], channels_last=True)  # noqa: E731
+    feats = torch.cat([embedding(part) for part in images.split(EMBED_CHUNK)]).unflatten(0, (tasks, -1))
+    if kind == "protonet":
         return _proto_scores(feats[:, :n], support_labels, feats[:, n:], ways)
-    feats = torch.cat([features(theta, part, hyper["temperature"], channels_last=True)
-                       for part in images.split(EMBED_CHUNK)])
-    feats = feats.unflatten(0, (tasks, -1))
     fit = lambda f, sl: fit_head(f, sl, ways=ways, reg=hyper["reg"], steps=hyper["head_steps"])  # noqa: E731
     return vmap(lambda f, sl, q: head_logits(fit(f, sl), q))(feats[:, :n], support_labels, feats[:, n:])
 
