@@ -63,6 +63,20 @@ def test_soba_stochastic_with_decreasing_steps():
     assert task.metrics(s.x, s.y)["rel_error"] <= 0.15 < start / 50
 
 
+def test_soba_cosine_schedule_anneals_the_outer_step():
+    """``schedule="cosine"``: ρ stays at ρ0, γ_t follows a half cosine from γ0 to 0 over ``horizon`` steps
+    and stays 0; on minibatches the annealed x ends far below the constant-step noise floor."""
+    algo = A.make("soba", inner_lr=0.5, outer_lr=0.5, schedule="cosine", horizon=1500)
+    assert [algo.step_sizes(t) for t in (0, 750, 1500, 3000)] == [(0.5, 0.5), (0.5, 0.25), (0.5, 0.0), (0.5, 0.0)]
+    task = make_task("quadratic", batch_size=32, **QUAD)
+    cosine = run(algo, task, 1500)
+    constant = run(A.make("soba", inner_lr=0.5, outer_lr=0.5, schedule="constant"), task, 1500)
+    # measured over seeds 0-2: cosine 0.10-0.16, constant 0.73-1.34
+    assert task.metrics(cosine.x, cosine.y)["rel_error"] <= 0.25 < task.metrics(constant.x, constant.y)["rel_error"] / 2
+    with pytest.raises(ValueError, match=r"^algorithm.horizon: schedule cosine needs a horizon >= 1"):
+        A.make("soba", schedule="cosine")
+
+
 def test_saba_converges_linearly_on_minibatches():
     """Constant steps, 8 minibatches per level: ‖∇h‖² falls by a constant factor per block of steps
     all the way to ≤ 1e-20 (SOBA with the same constant steps stalls at its noise floor)."""

@@ -9,6 +9,7 @@ agent; the decentralized backends pass ``Σ_j w_ij (·)_j``. A step never import
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 from bilevel_ray.params import Params, Registry, hp
@@ -19,7 +20,7 @@ Mix = Callable[[PyTree], PyTree]
 State = Any
 
 __all__ = ["Mix", "identity_mix", "Calls", "Hyperparams", "hp", "BilevelAlgorithm", "register", "get",
-           "make", "available", "decay"]
+           "make", "available", "decay", "cosine_decay"]
 
 
 class Hyperparams(Params):
@@ -65,6 +66,12 @@ class BilevelAlgorithm(Protocol):
 def decay(lr0: float, t: int, power: float) -> float:
     """``lr0 / (t + 1)^power``."""
     return lr0 / (t + 1) ** power
+
+
+def cosine_decay(lr0: float, progress: float) -> float:
+    """``lr0 · (1 + cos(π p)) / 2`` with ``p = progress`` clipped to [0, 1]: a half cosine from ``lr0``
+    down to 0 (Loshchilov & Hutter 2017)."""
+    return lr0 * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
 # meta-RL's MAML-TRPO lives with the RL code (it imports gymnasium), imported on first use

@@ -2,7 +2,10 @@
 
 ``y``, ``v`` and ``x`` each move by one step from the same old values:
 ``D_y = ∇_y g_i``, ``D_v = ∇²_yy g_i·v + ∇_y f_j``, ``D_x = ∇²_xy g_i·v + ∇_x f_j``.
-The three first/second-order quantities of ``g`` come from one fused pass.
+The three first/second-order quantities of ``g`` come from one fused pass. Step sizes: the paper's
+decreasing ``ρ_t = ρ0/(t+1)^a``, ``γ_t = γ0/(t+1)^b``, or (``schedule="cosine"``, a deep-learning
+practice, not from the paper) a constant ``ρ`` with ``γ_t`` decayed to 0 along a half cosine over
+``horizon`` steps.
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ from typing import NamedTuple
 
 from bilevel_ray import oracles, tree
 from bilevel_ray.params import hp
-from bilevel_ray.algorithms.base import Calls, Hyperparams, Mix, decay, identity_mix, register
+from bilevel_ray.algorithms.base import Calls, Hyperparams, Mix, cosine_decay, decay, identity_mix, register
 from bilevel_ray.problem import BilevelProblem, rng_for
 from bilevel_ray.tree import PyTree
 
-#: step-size decay exponents (inner ρ_t, outer γ_t) of each schedule
-SCHEDULES = {"constant": (0.0, 0.0), "sqrt": (0.5, 0.5), "theory": (0.4, 0.6)}
+#: step-size decay exponents (inner ρ_t, outer γ_t) of each schedule; "cosine": ρ constant, γ_t on a half
+#: cosine over ``horizon`` steps
+SCHEDULES = {"constant": (0.0, 0.0), "sqrt": (0.5, 0.5), "theory": (0.4, 0.6), "cosine": (0.0, None)}
 
 
 class SOBAState(NamedTuple):
@@ -35,7 +39,21 @@ class SOBAState(NamedTuple):
 class SOBA(Hyperparams):
     inner_lr: float = hp(0.1, low=0, doc="ρ0, step of y and v")
     outer_lr: float = hp(0.01, low=0, doc="γ0, step of x")
-    schedule: str = hp("sqrt", choices=tuple(SCHEDULES), doc="ρ_t=ρ0/(t+1)^a, γ_t=γ0/(t+1)^b")
+    schedule: str = hp("sqrt", choices=tuple(SCHEDULES),
+                       doc="ρ_t=ρ0/(t+1)^a, γ_t=γ0/(t+1)^b; cosine: ρ0, γ_t=γ0(1+cos(π t/horizon))/2")
+    horizon: int = hp(0, low=0, strict=False, doc="steps of the cosine schedule (γ_t = 0 after them)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.schedule == "cosine" and self.horizon < 1:
+            raise ValueError(f"algorithm.horizon: schedule cosine needs a horizon >= 1 (steps), got {self.horizon}")
+
+    def step_sizes(self, t: int) -> tuple[float, float]:
+        """``(ρ_t, γ_t)`` of step ``t``."""
+        a, b = SCHEDULES[self.schedule]
+        if b is None:
+            return decay(self.inner_lr, t, a), cosine_decay(self.outer_lr, t / self.horizon)
+        return decay(self.inner_lr, t, a), decay(self.outer_lr, t, b)
 
     def init(self, problem: BilevelProblem, x: PyTree, y: PyTree, *, seed: int = 0, rank: int = 0) -> SOBAState:
         return SOBAState(tree.detach(x), tree.detach(y), tree.zeros_like(y), 0, seed, rank, Calls())
@@ -46,8 +64,7 @@ class SOBA(Hyperparams):
         _, bo = problem.outer.sample(rng)
         gy, jv, hv = oracles.fused(problem.g, s.x, s.y, s.v, bi)
         fx, fy = oracles.grad_xy(problem.f, s.x, s.y, bo)
-        a, b = SCHEDULES[self.schedule]
-        rho, gamma = decay(self.inner_lr, s.t, a), decay(self.outer_lr, s.t, b)
+        rho, gamma = self.step_sizes(s.t)
         y = tree.axpy(-rho, gy, mix(s.y))
         v = tree.axpy(-rho, tree.add(hv, fy), mix(s.v))
         x = tree.axpy(-gamma, tree.add(jv, fx), mix(s.x))

@@ -4,13 +4,13 @@ at a constant meta learning rate or one decayed to zero along a half cosine (Los
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from bilevel_ray.algorithms.base import cosine_decay
 from bilevel_ray.meta.fewshot import FewShotLearner
 from bilevel_ray.meta.learners import check_batching, meta_loss_and_grad
 from bilevel_ray.tasks.vision.backbone import init_backbone
@@ -65,7 +65,7 @@ def meta_train(kind: str, sampler: Any, *, steps: int | None = None, budget_s: f
     start, t = time.perf_counter(), 0
     while (progress := _progress(t, steps, time.perf_counter() - start, budget_s)) < 1:
         if schedule == "cosine":
-            opt.param_groups[0]["lr"] = meta_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+            opt.param_groups[0]["lr"] = cosine_decay(meta_lr, progress)
         episode = sampler.episodes(np.random.default_rng([seed, 0, t]))
         loss, grads = meta_loss_and_grad(kind, {k: v.detach() for k, v in params.items()}, settings, episode)
         for k, p in params.items():
