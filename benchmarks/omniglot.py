@@ -70,35 +70,12 @@ LABELS = {"soba": "SOBA (hyper-repr.)", "bome": "BOME (hyper-repr.)", "dsbo": "D
           "maml": "MAML (2nd order)", "protonet": "ProtoNet"}
 
 
-#: steps timed (after 3 warm-up steps) to size a cosine schedule's horizon to the budget
-CALIBRATION_STEPS = 20
-
-
 def train_bilevel(name: str, width: int, budget_s: float) -> tuple[Any, int]:
-    """Train the config's algorithm for ``budget_s`` seconds of wall time. An algorithm on a cosine
-    schedule (``algorithm.schedule: cosine``) gets the horizon that fits the budget: the steps of the
-    time left after :data:`CALIBRATION_STEPS` timed steps of a throwaway run (counted in the budget);
-    it then stops at the horizon or the budget, whichever comes first."""
-    overrides = [f"task.width={width}", "task.test_split=null"]
-    cfg = load_config(CONFIGS[name], overrides)
-    start, horizon = time.perf_counter(), None
-    if getattr(cfg.algorithm, "schedule", None) == "cosine":
-        backend = make_backend(cfg.task, cfg.algorithm, cfg.decentralized, seed=cfg.run.seed)
-        try:
-            for _ in range(3):
-                backend.step()
-            t0 = time.perf_counter()
-            for _ in range(CALIBRATION_STEPS):
-                backend.step()
-            per_step = (time.perf_counter() - t0) / CALIBRATION_STEPS
-        finally:
-            backend.close()
-        horizon = max(1, int((budget_s - (time.perf_counter() - start)) / per_step))
-        cfg = load_config(CONFIGS[name], [*overrides, f"algorithm.horizon={horizon}"])
+    cfg = load_config(CONFIGS[name], [f"task.width={width}", "task.test_split=null"])
     backend = make_backend(cfg.task, cfg.algorithm, cfg.decentralized, seed=cfg.run.seed)
-    steps = 0
+    start, steps = time.perf_counter(), 0
     try:
-        while time.perf_counter() - start < budget_s and steps != horizon:
+        while time.perf_counter() - start < budget_s:
             backend.step()
             steps += 1
         states = backend.states()
