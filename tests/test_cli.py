@@ -92,7 +92,8 @@ def test_run_writes_csv_json_png_and_config(config_file: Path, tmp_path: Path, c
 
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     resolved = yaml.safe_load((out / "config.yaml").read_text())
-    assert resolved["algorithm"] == {"name": "soba", "inner_lr": 0.5, "outer_lr": 0.5, "schedule": "constant"}
+    assert resolved["algorithm"] == {"name": "soba", "inner_lr": 0.5, "outer_lr": 0.5, "schedule": "constant",
+                                     "horizon": 0}
     assert resolved["run"]["out_dir"] == str(out) and resolved["task"]["dim_x"] == 3
     assert load_config(out / "config.yaml").to_dict() == resolved
 
