@@ -19,9 +19,10 @@ from bilevel_ray.algorithms.base import Calls, Hyperparams, Mix, cosine_decay, d
 from bilevel_ray.problem import BilevelProblem, rng_for
 from bilevel_ray.tree import PyTree
 
-#: step-size decay exponents (inner ρ_t, outer γ_t) of each schedule; "cosine": ρ constant, γ_t on a half
-#: cosine over ``horizon`` steps
-SCHEDULES = {"constant": (0.0, 0.0), "sqrt": (0.5, 0.5), "theory": (0.4, 0.6), "cosine": (0.0, None)}
+#: step-size decay exponents (inner ρ_t, outer γ_t) of each power-law schedule
+POWERS = {"constant": (0.0, 0.0), "sqrt": (0.5, 0.5), "theory": (0.4, 0.6)}
+#: the power laws, and "cosine": ρ constant, γ_t on a half cosine over ``horizon`` steps
+SCHEDULES = (*POWERS, "cosine")
 
 
 class SOBAState(NamedTuple):
@@ -39,7 +40,7 @@ class SOBAState(NamedTuple):
 class SOBA(Hyperparams):
     inner_lr: float = hp(0.1, low=0, doc="ρ0, step of y and v")
     outer_lr: float = hp(0.01, low=0, doc="γ0, step of x")
-    schedule: str = hp("sqrt", choices=tuple(SCHEDULES),
+    schedule: str = hp("sqrt", choices=SCHEDULES,
                        doc="ρ_t=ρ0/(t+1)^a, γ_t=γ0/(t+1)^b; cosine: ρ0, γ_t=γ0(1+cos(π t/horizon))/2")
     horizon: int = hp(0, low=0, strict=False, doc="steps of the cosine schedule (γ_t = 0 after them)")
 
@@ -50,9 +51,9 @@ class SOBA(Hyperparams):
 
     def step_sizes(self, t: int) -> tuple[float, float]:
         """``(ρ_t, γ_t)`` of step ``t``."""
-        a, b = SCHEDULES[self.schedule]
-        if b is None:
-            return decay(self.inner_lr, t, a), cosine_decay(self.outer_lr, t / self.horizon)
+        if self.schedule == "cosine":
+            return self.inner_lr, cosine_decay(self.outer_lr, t / self.horizon)
+        a, b = POWERS[self.schedule]
         return decay(self.inner_lr, t, a), decay(self.outer_lr, t, b)
 
     def init(self, problem: BilevelProblem, x: PyTree, y: PyTree, *, seed: int = 0, rank: int = 0) -> SOBAState:
