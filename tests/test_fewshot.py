@@ -18,7 +18,7 @@ from bilevel_ray import algorithms as A, linalg, oracles, tree
 from bilevel_ray.allocator import tune_allocator
 from bilevel_ray.meta import FewShotLearner, evaluate, load
 from bilevel_ray.meta.learners import (cg_fixed, episode_task_logits, imaml_solve, imaml_task_grad, maml_adapt,
-                                       meta_loss_and_grad, task_logits, with_head)
+                                       meta_loss_and_grad, meta_params, ridge_head, task_logits, with_head)
 from bilevel_ray.meta.train import meta_train
 from bilevel_ray.tasks import make_task
 from bilevel_ray.tasks.vision.augment import RandomAffine, warp
@@ -184,8 +184,14 @@ KINDS = {
     "fomaml": {"steps": 2, "lr": 0.3},
     "imaml": {"steps": 3, "lr": 0.2, "lam": 1.0, "cg_iters": 4},
     "protonet": {},
+    "ridge": {"scale": 2.0, "reg": 0.5},
     "hyperrep": {"reg": 1e-3, "head_steps": 5, "temperature": 10.0},
 }
+
+
+def _theta(kind, **backbone):
+    """Float64 meta-parameters of a learner of ``kind`` on the tiny backbone ``backbone``."""
+    return meta_params(kind, init_backbone(dtype=torch.float64, **backbone), KINDS[kind])
 
 
 def _episode(pool, ways=4, shots=2, queries=3, tasks=3, dtype=torch.float64, seed=0):
@@ -195,7 +201,7 @@ def _episode(pool, ways=4, shots=2, queries=3, tasks=3, dtype=torch.float64, see
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_vmapped_adaptation_equals_a_loop_over_tasks(pool12, kind):
-    theta = init_backbone(width=4, depth=2, seed=1, dtype=torch.float64)
+    theta = _theta(kind, width=4, depth=2, seed=1)
     learner = FewShotLearner(kind, theta, {**KINDS[kind], "size": 12})
     ep = _episode(pool12)
     batched = learner.episode_logits(ep.support, ep.support_labels, ep.query, ep.ways)
@@ -293,11 +299,11 @@ def test_channels_last_embedding_is_the_same_function(pool12):
         assert torch.allclose(a, b, atol=1e-9, rtol=1e-9)
 
 
-@pytest.mark.parametrize("kind", ["protonet", "hyperrep"])
+@pytest.mark.parametrize("kind", ["protonet", "ridge", "hyperrep"])
 def test_test_time_embedding_in_chunks_gives_the_same_logits(pool12, kind, monkeypatch):
     import bilevel_ray.meta.learners as learners
 
-    theta = init_backbone(width=4, depth=2, seed=1, dtype=torch.float64)
+    theta = _theta(kind, width=4, depth=2, seed=1)
     ep = _episode(pool12)
     whole = episode_task_logits(kind, theta, KINDS[kind], ep.support, ep.support_labels, ep.query, ep.ways)
     monkeypatch.setattr(learners, "EMBED_CHUNK", 5)  # 45 images: nine calls, the tasks cut across them
@@ -349,6 +355,49 @@ def test_imaml_implicit_gradient_matches_the_dense_formula(pool12):
     b = {"v": torch.randn(5, dtype=torch.float64)}
     u = cg_fixed(lambda p: {"v": spd @ p["v"]}, b, 5)
     assert torch.allclose(spd @ u["v"], b["v"], atol=1e-10)
+
+
+def test_ridge_head_hypergradient_matches_the_dense_implicit_one(pool12):
+    """R2-D2's meta-gradient (autograd through the closed-form ridge solve, all tasks batched) against
+    ∇_θ f − ∇²_θW g (∇²_WW g)⁻¹ ∇_W f at W*(θ), with dense float64 Jacobians of the lower level
+    g = ½ mean ‖[φ_θ(S), 1] Wᵀ − Y‖² + e^{log λ}/2 ‖W‖² and f the query cross-entropy, one task at a time;
+    both ways of solving (kernel when n ≤ d+1, primal otherwise) give the same head."""
+    theta = _theta("ridge", width=2, depth=2, seed=3)
+    for shots in (1, 3):  # 4 or 12 support drawings against d+1 = 3 columns
+        ep = _episode(pool12, ways=4, shots=shots, queries=2, tasks=2, seed=11)
+        _, g = meta_loss_and_grad("ridge", theta, {}, ep)
+        names = list(theta)
+        flat = _flat(theta)
+        ref = torch.zeros_like(flat)
+        for b in range(2):
+            s, sl, q, ql = ep.support[b], ep.support_labels[b], ep.query[b], ep.query_labels[b]
+            onehot = torch.nn.functional.one_hot(sl, 4).double()
+
+            def lower(th_vec, w_vec):
+                th = _unflat(th_vec, theta)
+                fa = torch.nn.functional.pad(embed(th, s), (0, 1), value=1.0)
+                w = w_vec.reshape(4, -1)
+                return (0.5 * ((fa @ w.T - onehot) ** 2).sum() / len(s)
+                        + 0.5 * th["ridge.log_reg"].exp() * (w ** 2).sum())
+
+            def upper(th_vec, w_vec):
+                th = _unflat(th_vec, theta)
+                fq = torch.nn.functional.pad(embed(th, q), (0, 1), value=1.0)
+                logits = th["ridge.log_scale"].exp() * fq @ w_vec.reshape(4, -1).T
+                return torch.nn.functional.cross_entropy(logits, ql)
+
+            w = ridge_head(embed(theta, s), sl, ways=4, reg=theta["ridge.log_reg"].exp()).reshape(-1)
+            gw = torch.autograd.functional.jacobian(lambda v: lower(flat, v), w)
+            assert float(gw.abs().max()) < 1e-10  # W* is the lower level's minimiser
+            hww = torch.autograd.functional.hessian(lambda v: lower(flat, v), w)
+            hxw = torch.autograd.functional.jacobian(
+                lambda t: torch.autograd.functional.jacobian(lambda v: lower(t, v), w, create_graph=True), flat)
+            fx, fw = torch.autograd.functional.jacobian(upper, (flat, w))
+            ref += (fx - hxw.T @ torch.linalg.solve(hww, fw)) / 2
+        ref = _unflat(ref, theta)
+        for k in names:
+            assert torch.allclose(g[k], ref[k], atol=1e-9, rtol=1e-7), (shots, k)
+        assert float(g["ridge.log_reg"].abs()) > 1e-8  # λ is meta-learned through the lower level
 
 
 def test_protonet_meta_gradient_matches_a_loop(pool12):
@@ -438,7 +487,7 @@ def test_save_load_adapt_predict_round_trip(omniglot, tmp_path):
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_support_warps_add_warped_copies_and_stay_deterministic(pool12, kind):
-    theta = init_backbone(width=4, depth=2, seed=1, dtype=torch.float64)
+    theta = _theta(kind, width=4, depth=2, seed=1)
     learner = FewShotLearner(kind, theta, {**KINDS[kind], "size": 12})
     ep = _episode(pool12, tasks=2)
     plain = learner.episode_logits(ep.support, ep.support_labels, ep.query, 4)
@@ -495,6 +544,27 @@ def test_trained_learner_beats_the_untrained_one_and_eval_cli_reports_a_ci(omnig
     worse = subprocess.run([sys.executable, "-m", "bilevel_ray.cli", "eval", str(tmp_path / "learner.pt"),
                             "--support-warps", "2", "--warp-magnitude", "3"], capture_output=True, text=True)
     assert worse.returncode == 2 and "--warp-magnitude: must be a number in [0, 2]" in worse.stderr
+
+
+def test_ridge_learner_trains_learns_its_scale_and_reg_and_round_trips(omniglot, tmp_path):
+    """meta_train("ridge") improves held-out accuracy over its untrained start, moves the meta-learned
+    logit scale and ridge weight, and the saved learner predicts the same after load()."""
+    train, unseen = omniglot
+    sampler = EpisodeSampler(ClassPool(train.images, train.labels, 4), 5, 1, 3, meta_batch=8)
+    test = EpisodeSampler(ClassPool(unseen.images, unseen.labels), 5, 1, 5)
+    hyper = {"scale": 10.0, "reg": 1.0}
+    untrained = FewShotLearner("ridge", meta_params("ridge", init_backbone(width=8, seed=0), hyper), {"size": 28})
+    learner = meta_train("ridge", sampler, steps=40, width=8, meta_lr=3e-3, hyper=hyper, train_split=SMALL1)
+    assert abs(float(learner.params["ridge.log_scale"]) - np.log(10.0)) > 1e-3
+    assert abs(float(learner.params["ridge.log_reg"])) > 1e-3
+    before, _, _ = evaluate(untrained, test, tasks=200)
+    after, _, _ = evaluate(learner, test, tasks=200)
+    assert after > before + 0.05, (before, after)
+    learner.save(tmp_path / "ridge.pt")
+    back = load(tmp_path / "ridge.pt")
+    ep = test.episodes(np.random.default_rng(0), 3)
+    assert torch.equal(back.episode_logits(ep.support, ep.support_labels, ep.query, 5),
+                       learner.episode_logits(ep.support, ep.support_labels, ep.query, 5))
 
 
 def test_cosine_schedule_decays_the_meta_learning_rate_to_zero(pool12):

@@ -17,10 +17,16 @@ shared meta-parameters ``theta`` (the backbone of :mod:`bilevel_ray.tasks.vision
   ``−‖f(q) − c_k‖²``.
 - Hyper-representation heads: a linear head fitted on the support embeddings
   (``argmin CE + reg/2‖W‖²``, from the prototype classifier, ``head_steps`` gradient steps).
+- Ridge heads (R2-D2, Bertinetto, Henriques, Torr, Vedaldi 2019), the hyper-representation bilevel form
+  with a per-task lower level: ``W*(x) = argmin_W ½ mean ‖[φ_x(S), 1] Wᵀ − Y_S‖² + λ/2‖W‖²`` (strongly convex,
+  solved exactly in closed form), upper level the query cross-entropy of ``α [φ_x(Q), 1] W*ᵀ``.
+  Differentiating through the linear solve is the exact implicit hypergradient; the meta-parameters are
+  the backbone and ``log α``, ``log λ`` (``ridge.log_scale``, ``ridge.log_reg``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -29,12 +35,14 @@ from torch.func import grad, grad_and_value, vjp, vmap
 
 from bilevel_ray.tasks.vision.backbone import embed, embed_tasks, feature_dim, features
 
-__all__ = ["KINDS", "BATCHINGS", "check_batching", "with_head", "forward", "maml_adapt", "maml_task_loss",
-           "imaml_solve", "imaml_task_grad", "proto_logits", "proto_meta_loss", "fit_head", "head_logits",
+__all__ = ["KINDS", "BATCHINGS", "check_batching", "meta_params", "ridge_head", "with_head", "forward", "maml_adapt", "maml_task_loss",
+           "imaml_solve", "imaml_task_grad", "proto_logits", "shared_meta_loss", "fit_head", "head_logits",
            "task_logits", "episode_task_logits", "maml_meta_grad", "meta_loss_and_grad", "cg_fixed"]
 
 Params = dict[str, torch.Tensor]
-KINDS = ("maml", "fomaml", "imaml", "protonet", "hyperrep")
+KINDS = ("maml", "fomaml", "imaml", "protonet", "ridge", "hyperrep")
+#: kinds whose embedding does not depend on the task: every image of a batch is embedded at once
+SHARED_EMBEDDING = ("protonet", "ridge", "hyperrep")
 #: images per embedding call at test time (bounds the activations' memory: whole evaluation chunks of
 #: tens of thousands of images at once ran several times slower)
 EMBED_CHUNK = 2048
@@ -46,6 +54,16 @@ def check_batching(value: Any) -> None:
     """Refuse an unknown ``hyper["batching"]`` with a one-line error naming the allowed values."""
     if value not in BATCHINGS:
         raise ValueError(f"hyper.batching: must be {' or '.join(BATCHINGS)}, got {value!r}")
+
+
+def meta_params(kind: str, backbone: Params, hyper: dict[str, Any]) -> Params:
+    """The meta-parameters a learner of ``kind`` starts from: the backbone, plus for ridge heads the
+    logarithms of the logit scale ``hyper["scale"]`` and the ridge weight ``hyper["reg"]``."""
+    if kind != "ridge":
+        return dict(backbone)
+    like = next(iter(backbone.values()))
+    return {**backbone, "ridge.log_scale": like.new_tensor(math.log(hyper["scale"])),
+            "ridge.log_reg": like.new_tensor(math.log(hyper["reg"]))}
 
 
 def _map(fn: Callable, *trees: Params) -> Params:
@@ -180,11 +198,11 @@ def proto_logits(theta: Params, support, support_labels, query, *, ways: int) ->
     return _proto_scores(embed(theta, support), support_labels, embed(theta, query), ways)
 
 
-def proto_meta_loss(theta: Params, episode: Any) -> torch.Tensor:
-    """Mean query cross-entropy of prototypical networks over the episode's tasks, every image of every
-    task embedded in one batch (the embedding does not depend on the task, so no ``vmap`` is needed:
-    one large batch runs faster than vmap's per-layer rewriting)."""
-    logits = episode_task_logits("protonet", theta, {}, episode.support, episode.support_labels, episode.query,
+def shared_meta_loss(kind: str, theta: Params, episode: Any) -> torch.Tensor:
+    """Mean query cross-entropy over the episode's tasks of prototypical networks or ridge heads, every
+    image of every task embedded in one batch (the embedding does not depend on the task, so no ``vmap``
+    is needed: one large batch runs faster than vmap's per-layer rewriting)."""
+    logits = episode_task_logits(kind, theta, {}, episode.support, episode.support_labels, episode.query,
                                  episode.ways)
     return F.cross_entropy(logits.flatten(0, 1), episode.query_labels.flatten())
 
@@ -204,8 +222,29 @@ def fit_head(feats: torch.Tensor, labels: torch.Tensor, *, ways: int, reg: float
     return w
 
 
+def ridge_head(feats: torch.Tensor, labels: torch.Tensor, *, ways: int, reg: torch.Tensor) -> torch.Tensor:
+    """``argmin_W ½ mean_i ‖[f_i, 1] Wᵀ − onehot_i‖² + reg/2‖W‖²``, ``W`` of shape ``(..., ways, d+1)``, for
+    support features ``(..., n, d)`` with any leading task axes: ``Fᵀ(F Fᵀ + n·reg I)⁻¹ Y`` with the
+    ``n × n`` kernel when ``n ≤ d+1``, else ``(Fᵀ F + n·reg I)⁻¹ Fᵀ Y`` (the same solution; ``F = [f, 1]``).
+    The mean makes it invariant to repeating the support set."""
+    fa = torch.cat([feats, feats.new_ones(*feats.shape[:-1], 1)], -1)
+    onehot = F.one_hot(labels, ways).to(feats.dtype)
+    n, d = fa.shape[-2:]
+    if n <= d:
+        kernel = fa @ fa.mT + n * reg * torch.eye(n, dtype=fa.dtype)
+        return (fa.mT @ torch.linalg.solve(kernel, onehot)).mT
+    return torch.linalg.solve(fa.mT @ fa + n * reg * torch.eye(d, dtype=fa.dtype), fa.mT @ onehot).mT
+
+
+def _ridge_scores(theta: Params, support_feats, labels, query_feats, ways: int) -> torch.Tensor:
+    """``α [f(q), 1] W*ᵀ`` with ``W*`` the ridge head of the support features (any leading task axes)."""
+    w = ridge_head(support_feats, labels, ways=ways, reg=theta["ridge.log_reg"].exp())
+    return theta["ridge.log_scale"].exp() * head_logits(w, query_feats)
+
+
 def head_logits(w: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-    return feats @ w[:, :-1].T + w[:, -1]
+    """``[f, 1] wᵀ`` for heads ``(..., ways, d+1)`` and features ``(..., n, d)``."""
+    return feats @ w[..., :-1].mT + w[..., None, :, -1]
 
 
 def task_logits(kind: str, theta: Params, hyper: dict[str, Any], support, support_labels, query, ways: int
@@ -220,6 +259,8 @@ def task_logits(kind: str, theta: Params, hyper: dict[str, Any], support, suppor
         return forward(y, query)
     if kind == "protonet":
         return proto_logits(theta, support, support_labels, query, ways=ways)
+    if kind == "ridge":
+        return _ridge_scores(theta, embed(theta, support), support_labels, embed(theta, query), ways)
     if kind == "hyperrep":
         tau = hyper["temperature"]
         w = fit_head(features(theta, support, tau), support_labels, ways=ways, reg=hyper["reg"], steps=hyper["head_steps"])
@@ -232,17 +273,19 @@ def episode_task_logits(kind: str, theta: Params, hyper: dict[str, Any], support
     """:func:`task_logits` of every task of a batch ``(B, n, 1, S, S)``: the per-task adaptation vmapped
     over tasks; for ProtoNet and hyper-representation heads, whose embedding does not depend on the task,
     every image embedded in one batch first."""
-    if kind not in ("protonet", "hyperrep"):
+    if kind not in SHARED_EMBEDDING:
         return vmap(lambda s, sl, q: task_logits(kind, theta, hyper, s, sl, q, ways))(support, support_labels, query)
     tasks, n = support.shape[:2]
     images = torch.cat([support, query], 1).flatten(0, 1)
-    if kind == "protonet":
+    if kind in ("protonet", "ridge"):
         embedding = lambda part: embed(theta, part, channels_last=True)  # noqa: E731
     else:
         embedding = lambda part: features(theta, part, hyper["temperature"], channels_last=True)  # noqa: E731
     feats = torch.cat([embedding(part) for part in images.split(EMBED_CHUNK)]).unflatten(0, (tasks, -1))
     if kind == "protonet":
         return _proto_scores(feats[:, :n], support_labels, feats[:, n:], ways)
+    if kind == "ridge":
+        return _ridge_scores(theta, feats[:, :n], support_labels, feats[:, n:], ways)
     fit = lambda f, sl: fit_head(f, sl, ways=ways, reg=hyper["reg"], steps=hyper["head_steps"])  # noqa: E731
     return vmap(lambda f, sl, q: head_logits(fit(f, sl), q))(feats[:, :n], support_labels, feats[:, n:])
 
@@ -250,7 +293,12 @@ def episode_task_logits(kind: str, theta: Params, hyper: dict[str, Any], support
 def meta_loss_and_grad(kind: str, theta: Params, hyper: dict[str, Any], episode: Any) -> tuple[torch.Tensor, Params]:
     """Mean query loss over the episode's tasks and its meta-gradient in ``theta``, all tasks at once:
     per-task inner problems in one vmapped call (MAML's default batching: one grouped network);
-    ProtoNet's embeddings in one batch."""
+    ProtoNet's and ridge heads' embeddings in one batch."""
+    if kind in ("protonet", "ridge"):  # plain autograd: torch.func's grad is ~1.5x slower on this network on CPU
+        leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
+        with torch.enable_grad():
+            loss = shared_meta_loss(kind, leaves, episode)
+            return loss.detach(), dict(zip(theta, torch.autograd.grad(loss, list(leaves.values()))))
     ways = episode.classes.shape[1]
     args = (episode.support, episode.support_labels, episode.query, episode.query_labels)
     if kind == "imaml":
@@ -259,13 +307,8 @@ def meta_loss_and_grad(kind: str, theta: Params, hyper: dict[str, Any], episode:
                                                         cg_iters=hyper["cg_iters"]))
         losses, grads = per(*args)
         return losses.mean(), _map(lambda g: g.mean(0), grads)
-    if kind == "protonet":  # plain autograd: torch.func's grad is ~1.5x slower on this network on CPU
-        leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
-        with torch.enable_grad():
-            loss = proto_meta_loss(leaves, episode)
-            return loss.detach(), dict(zip(theta, torch.autograd.grad(loss, list(leaves.values()))))
     if kind not in ("maml", "fomaml"):
-        raise ValueError(f"kind: episodic training supports maml, fomaml, imaml, protonet; got {kind!r}")
+        raise ValueError(f"kind: episodic training supports maml, fomaml, imaml, protonet, ridge; got {kind!r}")
     batching = hyper.get("batching", "grouped")
     check_batching(batching)
     if batching == "grouped":

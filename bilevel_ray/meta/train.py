@@ -1,4 +1,4 @@
-"""Episodic meta-training of the baselines (MAML, first-order MAML, iMAML, prototypical networks):
+"""Episodic meta-training of the baselines (MAML, first-order MAML, iMAML, prototypical networks, ridge heads):
 Adam on the meta-parameters, one vmapped meta-gradient per meta-batch, reproducible from ``seed``,
 at a constant meta learning rate or one decayed to zero along a half cosine (Loshchilov & Hutter 2017)."""
 
@@ -12,7 +12,7 @@ import torch
 
 from bilevel_ray.algorithms.base import cosine_decay
 from bilevel_ray.meta.fewshot import FewShotLearner
-from bilevel_ray.meta.learners import check_batching, meta_loss_and_grad
+from bilevel_ray.meta.learners import check_batching, meta_loss_and_grad, meta_params
 from bilevel_ray.tasks.vision.backbone import init_backbone
 
 __all__ = ["DEFAULTS", "SCHEDULES", "meta_train"]
@@ -22,12 +22,14 @@ __all__ = ["DEFAULTS", "SCHEDULES", "meta_train"]
 SCHEDULES = ("constant", "cosine")
 
 #: adaptation settings of each kind (``lr``/``steps``: inner SGD; ``batching``: MAML's batched form,
-#: ``"grouped"`` or ``"vmap"``; ``lam``/``cg_iters``: iMAML)
+#: ``"grouped"`` or ``"vmap"``; ``lam``/``cg_iters``: iMAML; ``scale``/``reg``: the starting logit scale and
+#: ridge weight of ridge heads, which meta-training then learns)
 DEFAULTS: dict[str, dict[str, Any]] = {
     "maml": {"steps": 1, "lr": 0.4, "batching": "grouped"},
     "fomaml": {"steps": 3, "lr": 0.4, "batching": "grouped"},
     "imaml": {"steps": 8, "lr": 0.2, "lam": 0.5, "cg_iters": 5},
     "protonet": {},
+    "ridge": {"scale": 10.0, "reg": 1.0},
 }
 
 
@@ -59,8 +61,9 @@ def meta_train(kind: str, sampler: Any, *, steps: int | None = None, budget_s: f
             raise ValueError(f"hyper.{key}: unknown for {kind}; allowed: {', '.join(DEFAULTS[kind]) or 'none'}")
     if "batching" in settings:
         check_batching(settings["batching"])
-    params = {k: v.clone().requires_grad_(True) for k, v in
-              (theta or init_backbone(width=width, depth=depth, seed=seed, dtype=dtype)).items()}
+    if theta is None:
+        theta = meta_params(kind, init_backbone(width=width, depth=depth, seed=seed, dtype=dtype), settings)
+    params = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
     opt = torch.optim.Adam(params.values(), lr=meta_lr)
     start, t = time.perf_counter(), 0
     while (progress := _progress(t, steps, time.perf_counter() - start, budget_s)) < 1:
