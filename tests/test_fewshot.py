@@ -299,14 +299,15 @@ def test_channels_last_embedding_is_the_same_function(pool12):
         assert torch.allclose(a, b, atol=1e-9, rtol=1e-9)
 
 
-@pytest.mark.parametrize("kind", ["protonet", "ridge", "hyperrep"])
+@pytest.mark.parametrize("kind", ["protonet", "ridge", "hyperrep", "maml"])
 def test_test_time_embedding_in_chunks_gives_the_same_logits(pool12, kind, monkeypatch):
     import bilevel_ray.meta.learners as learners
 
     theta = _theta(kind, width=4, depth=2, seed=1)
     ep = _episode(pool12)
     whole = episode_task_logits(kind, theta, KINDS[kind], ep.support, ep.support_labels, ep.query, ep.ways)
-    monkeypatch.setattr(learners, "EMBED_CHUNK", 5)  # 45 images: nine calls, the tasks cut across them
+    # calls of 5 images, the tasks cut across them; MAML adapts one task (20 images) per call
+    monkeypatch.setattr(learners, "EMBED_CHUNK", 5)
     chunked = episode_task_logits(kind, theta, KINDS[kind], ep.support, ep.support_labels, ep.query, ep.ways)
     assert torch.allclose(whole, chunked, atol=1e-12)
 
@@ -561,6 +562,10 @@ def test_ridge_learner_trains_learns_its_scale_and_reg_and_round_trips(omniglot,
     after, _, _ = evaluate(learner, test, tasks=200)
     assert after > before + 0.05, (before, after)
     learner.save(tmp_path / "ridge.pt")
+    for bad in ({"scale": 0.0}, {"reg": -1.0}):
+        key = next(iter(bad))
+        with pytest.raises(ValueError, match=rf"^hyper.{key}: must be a number > 0, got {bad[key]}"):
+            meta_train("ridge", sampler, steps=1, width=4, hyper=bad)
     back = load(tmp_path / "ridge.pt")
     ep = test.episodes(np.random.default_rng(0), 3)
     assert torch.equal(back.episode_logits(ep.support, ep.support_labels, ep.query, 5),

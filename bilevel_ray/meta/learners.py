@@ -18,8 +18,8 @@ shared meta-parameters ``theta`` (the backbone of :mod:`bilevel_ray.tasks.vision
 - Hyper-representation heads: a linear head fitted on the support embeddings
   (``argmin CE + reg/2‖W‖²``, from the prototype classifier, ``head_steps`` gradient steps).
 - Ridge heads (R2-D2, Bertinetto, Henriques, Torr, Vedaldi 2019), the hyper-representation bilevel form
-  with a per-task lower level: ``W*(x) = argmin_W ½ mean ‖[φ_x(S), 1] Wᵀ − Y_S‖² + λ/2‖W‖²`` (strongly convex,
-  solved exactly in closed form), upper level the query cross-entropy of ``α [φ_x(Q), 1] W*ᵀ``.
+  with a per-task lower level: ``W*(x) = argmin_W ½ mean ‖[φ_x(S), 1] Wᵀ − Y_S‖² + λ/2‖W‖²`` (strongly
+  convex, solved exactly in closed form), upper level the query cross-entropy of ``α [φ_x(Q), 1] W*ᵀ``.
   Differentiating through the linear solve is the exact implicit hypergradient; the meta-parameters are
   the backbone and ``log α``, ``log λ`` (``ridge.log_scale``, ``ridge.log_reg``).
 """
@@ -35,16 +35,18 @@ from torch.func import grad, grad_and_value, vjp, vmap
 
 from bilevel_ray.tasks.vision.backbone import embed, embed_tasks, feature_dim, features
 
-__all__ = ["KINDS", "BATCHINGS", "check_batching", "meta_params", "ridge_head", "with_head", "forward", "maml_adapt", "maml_task_loss",
-           "imaml_solve", "imaml_task_grad", "proto_logits", "shared_meta_loss", "fit_head", "head_logits",
-           "task_logits", "episode_task_logits", "maml_meta_grad", "meta_loss_and_grad", "cg_fixed"]
+__all__ = ["KINDS", "BATCHINGS", "check_batching", "meta_params", "with_head", "forward", "maml_adapt",
+           "maml_task_loss", "imaml_solve", "imaml_task_grad", "proto_logits", "shared_meta_loss", "fit_head",
+           "ridge_head", "head_logits", "task_logits", "episode_task_logits", "maml_meta_grad", "meta_loss_and_grad",
+           "cg_fixed"]
 
 Params = dict[str, torch.Tensor]
 KINDS = ("maml", "fomaml", "imaml", "protonet", "ridge", "hyperrep")
 #: kinds whose embedding does not depend on the task: every image of a batch is embedded at once
 SHARED_EMBEDDING = ("protonet", "ridge", "hyperrep")
 #: images per embedding call at test time (bounds the activations' memory: whole evaluation chunks of
-#: tens of thousands of images at once ran several times slower)
+#: tens of thousands of images at once ran several times slower, and 50 vmapped 20-way MAML tasks at
+#: width 64 with support warps, 17,000 images, took more than 24 GiB)
 EMBED_CHUNK = 2048
 #: MAML's batched forms of the meta-gradient
 BATCHINGS = ("grouped", "vmap")
@@ -61,6 +63,9 @@ def meta_params(kind: str, backbone: Params, hyper: dict[str, Any]) -> Params:
     logarithms of the logit scale ``hyper["scale"]`` and the ridge weight ``hyper["reg"]``."""
     if kind != "ridge":
         return dict(backbone)
+    for key in ("scale", "reg"):
+        if not (isinstance(hyper[key], (int, float)) and hyper[key] > 0):
+            raise ValueError(f"hyper.{key}: must be a number > 0, got {hyper[key]!r}")
     like = next(iter(backbone.values()))
     return {**backbone, "ridge.log_scale": like.new_tensor(math.log(hyper["scale"])),
             "ridge.log_reg": like.new_tensor(math.log(hyper["reg"]))}
@@ -223,8 +228,8 @@ def fit_head(feats: torch.Tensor, labels: torch.Tensor, *, ways: int, reg: float
 
 
 def ridge_head(feats: torch.Tensor, labels: torch.Tensor, *, ways: int, reg: torch.Tensor) -> torch.Tensor:
-    """``argmin_W ½ mean_i ‖[f_i, 1] Wᵀ − onehot_i‖² + reg/2‖W‖²``, ``W`` of shape ``(..., ways, d+1)``, for
-    support features ``(..., n, d)`` with any leading task axes: ``Fᵀ(F Fᵀ + n·reg I)⁻¹ Y`` with the
+    """``argmin_W ½ mean_i ‖[f_i, 1] Wᵀ − onehot_i‖² + reg/2‖W‖²``, ``W`` of shape ``(..., ways, d+1)``,
+    for support features ``(..., n, d)`` with any leading task axes: ``Fᵀ(F Fᵀ + n·reg I)⁻¹ Y`` with the
     ``n × n`` kernel when ``n ≤ d+1``, else ``(Fᵀ F + n·reg I)⁻¹ Fᵀ Y`` (the same solution; ``F = [f, 1]``).
     The mean makes it invariant to repeating the support set."""
     fa = torch.cat([feats, feats.new_ones(*feats.shape[:-1], 1)], -1)
@@ -272,9 +277,13 @@ def episode_task_logits(kind: str, theta: Params, hyper: dict[str, Any], support
                         ) -> torch.Tensor:
     """:func:`task_logits` of every task of a batch ``(B, n, 1, S, S)``: the per-task adaptation vmapped
     over tasks; for ProtoNet and hyper-representation heads, whose embedding does not depend on the task,
-    every image embedded in one batch first."""
+    every image embedded in one batch first. Either way at most about ``EMBED_CHUNK`` images go through
+    the network at once (at least one task)."""
     if kind not in SHARED_EMBEDDING:
-        return vmap(lambda s, sl, q: task_logits(kind, theta, hyper, s, sl, q, ways))(support, support_labels, query)
+        per_call = max(1, EMBED_CHUNK // (support.shape[1] + query.shape[1]))
+        adapt = vmap(lambda s, sl, q: task_logits(kind, theta, hyper, s, sl, q, ways))
+        return torch.cat([adapt(*part) for part in zip(support.split(per_call), support_labels.split(per_call),
+                                                        query.split(per_call))])
     tasks, n = support.shape[:2]
     images = torch.cat([support, query], 1).flatten(0, 1)
     if kind in ("protonet", "ridge"):
