@@ -566,6 +566,12 @@ def test_ridge_learner_trains_learns_its_scale_and_reg_and_round_trips(omniglot,
         key = next(iter(bad))
         with pytest.raises(ValueError, match=rf"^hyper.{key}: must be a number > 0, got {bad[key]}"):
             meta_train("ridge", sampler, steps=1, width=4, hyper=bad)
+    # from a given theta: a trained learner's own scale and weight are kept, a bare backbone gets the hyper's
+    resumed = meta_train("ridge", sampler, steps=0, theta=learner.params, hyper=hyper)
+    assert all(torch.equal(resumed.params[k], v) for k, v in learner.params.items())
+    fresh = meta_train("ridge", sampler, steps=0, theta=init_backbone(width=4, seed=0), hyper={"scale": 3.0})
+    assert float(fresh.params["ridge.log_scale"]) == pytest.approx(np.log(3.0))
+    assert float(fresh.params["ridge.log_reg"]) == pytest.approx(0.0)
     back = load(tmp_path / "ridge.pt")
     ep = test.episodes(np.random.default_rng(0), 3)
     assert torch.equal(back.episode_logits(ep.support, ep.support_labels, ep.query, 5),

@@ -53,7 +53,8 @@ def _images(x: Any, size: int, dtype: torch.dtype, name: str) -> torch.Tensor:
 class FewShotLearner:
     """A meta-trained learner: ``kind`` (one of ``KINDS``), its meta-parameters and the adaptation
     settings it was trained with (``steps``, ``lr``, ``lam``, ``cg_iters``, ``reg``, ``head_steps``,
-    ``size``), and its test-time support warps (``support_warps`` copies of magnitude
+    ``size``; a ridge learner's ``scale`` and ``reg`` are its starting values, the learned ones are
+    ``params["ridge.log_scale"]`` and ``params["ridge.log_reg"]``), and its test-time support warps (``support_warps`` copies of magnitude
     ``support_warp_magnitude``, see :meth:`with_support_warps`)."""
 
     kind: str

@@ -27,6 +27,7 @@ shared meta-parameters ``theta`` (the backbone of :mod:`bilevel_ray.tasks.vision
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -36,14 +37,17 @@ from torch.func import grad, grad_and_value, vjp, vmap
 from bilevel_ray.tasks.vision.backbone import embed, embed_tasks, feature_dim, features
 
 __all__ = ["KINDS", "BATCHINGS", "check_batching", "meta_params", "with_head", "forward", "maml_adapt",
-           "maml_task_loss", "imaml_solve", "imaml_task_grad", "proto_logits", "shared_meta_loss", "fit_head",
-           "ridge_head", "head_logits", "task_logits", "episode_task_logits", "maml_meta_grad", "meta_loss_and_grad",
-           "cg_fixed"]
+           "maml_task_loss", "maml_tasks_logits", "imaml_solve", "imaml_task_grad", "proto_logits",
+           "shared_meta_loss", "fit_head", "ridge_head", "head_logits", "task_logits", "episode_task_logits",
+           "maml_meta_grad", "meta_loss_and_grad", "cg_fixed"]
 
 Params = dict[str, torch.Tensor]
 KINDS = ("maml", "fomaml", "imaml", "protonet", "ridge", "hyperrep")
 #: kinds whose embedding does not depend on the task: every image of a batch is embedded at once
 SHARED_EMBEDDING = ("protonet", "ridge", "hyperrep")
+#: of those, the kinds that score the backbone's raw embedding and train episodically (``hyperrep``
+#: normalises its features and is trained by the bilevel algorithms)
+RAW_EMBEDDING = ("protonet", "ridge")
 #: images per embedding call at test time (bounds the activations' memory: whole evaluation chunks of
 #: tens of thousands of images at once ran several times slower, and 50 vmapped 20-way MAML tasks at
 #: width 64 with support warps, 17,000 images, took more than 24 GiB)
@@ -120,11 +124,26 @@ def maml_task_loss(theta: Params, support, support_labels, query, query_labels, 
                  query, query_labels)
 
 
+def _tasks_logits(params: Params, images: torch.Tensor) -> torch.Tensor:
+    """Logits ``(B, n, ways)`` of ``B`` tasks' images, task ``b`` under ``params[k][b]``."""
+    return torch.matmul(embed_tasks(params, images), params["head.weight"].mT) + params["head.bias"][:, None, :]
+
+
 def _tasks_loss(params: Params, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum over tasks of each task's mean cross-entropy (``params`` with a leading task axis)."""
-    logits = torch.matmul(embed_tasks(params, images), params["head.weight"].transpose(1, 2))
-    logits = logits + params["head.bias"][:, None, :]
+    logits = _tasks_logits(params, images)
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / labels.shape[1]
+
+
+def _grouped_adapt(leaves: Params, support: torch.Tensor, labels: torch.Tensor, *, steps: int, lr: float,
+                   create_graph: bool) -> Params:
+    """MAML's ``steps`` SGD steps on every task's support loss from ``leaves`` (with a head), all tasks as
+    one grouped network: the returned parameters carry a leading task axis."""
+    params = {k: v.expand(support.shape[0], *v.shape) for k, v in leaves.items()}
+    for _ in range(steps):
+        g = torch.autograd.grad(_tasks_loss(params, support, labels), list(params.values()), create_graph=create_graph)
+        params = {k: p - lr * d for (k, p), d in zip(params.items(), g)}
+    return params
 
 
 def maml_meta_grad(theta: Params, episode: Any, *, steps: int, lr: float, first_order: bool = False
@@ -137,15 +156,24 @@ def maml_meta_grad(theta: Params, episode: Any, *, steps: int, lr: float, first_
     tasks, ways = episode.classes.shape
     leaves = {k: v.detach().requires_grad_(True) for k, v in
               with_head(theta, ways, _dim(theta, episode.support)).items()}
-    params = {k: v.expand(tasks, *v.shape) for k, v in leaves.items()}
     with torch.enable_grad():
-        for _ in range(steps):
-            g = torch.autograd.grad(_tasks_loss(params, episode.support, episode.support_labels),
-                                    list(params.values()), create_graph=not first_order)
-            params = {k: p - lr * d for (k, p), d in zip(params.items(), g)}
+        params = _grouped_adapt(leaves, episode.support, episode.support_labels, steps=steps, lr=lr,
+                                create_graph=not first_order)
         loss = _tasks_loss(params, episode.query, episode.query_labels) / tasks
         grads = torch.autograd.grad(loss, [leaves[k] for k in theta])
     return loss.detach(), dict(zip(theta, grads))
+
+
+def maml_tasks_logits(theta: Params, hyper: dict[str, Any], support, support_labels, query, *, ways: int
+                      ) -> torch.Tensor:
+    """Query logits ``(B, q, ways)`` of a batch of tasks after MAML's test-time adaptation (first order:
+    nothing is differentiated through it), as one grouped network: :func:`task_logits` of each task."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in with_head(theta, ways, _dim(theta, support)).items()}
+    with torch.enable_grad():
+        params = _grouped_adapt(leaves, support, support_labels, steps=hyper["steps"], lr=hyper["lr"],
+                                create_graph=False)
+    with torch.no_grad():
+        return _tasks_logits(params, query)
 
 
 def imaml_solve(theta: Params, support, labels, ways: int, *, lam: float, steps: int, lr: float) -> Params:
@@ -275,18 +303,20 @@ def task_logits(kind: str, theta: Params, hyper: dict[str, Any], support, suppor
 
 def episode_task_logits(kind: str, theta: Params, hyper: dict[str, Any], support, support_labels, query, ways: int
                         ) -> torch.Tensor:
-    """:func:`task_logits` of every task of a batch ``(B, n, 1, S, S)``: the per-task adaptation vmapped
-    over tasks; for ProtoNet and hyper-representation heads, whose embedding does not depend on the task,
-    every image embedded in one batch first. Either way at most about ``EMBED_CHUNK`` images go through
+    """:func:`task_logits` of every task of a batch ``(B, n, 1, S, S)``: MAML's adaptation as one grouped
+    network (:func:`maml_tasks_logits`), iMAML's vmapped over tasks; for ProtoNet, ridge and
+    hyper-representation heads, whose embedding does not depend on the task, every image embedded in one
+    batch first. Either way at most about ``EMBED_CHUNK`` images go through
     the network at once (at least one task)."""
     if kind not in SHARED_EMBEDDING:
         per_call = max(1, EMBED_CHUNK // (support.shape[1] + query.shape[1]))
-        adapt = vmap(lambda s, sl, q: task_logits(kind, theta, hyper, s, sl, q, ways))
+        adapt = (partial(maml_tasks_logits, theta, hyper, ways=ways) if kind in ("maml", "fomaml") else
+                 vmap(lambda s, sl, q: task_logits(kind, theta, hyper, s, sl, q, ways)))
         return torch.cat([adapt(*part) for part in zip(support.split(per_call), support_labels.split(per_call),
                                                         query.split(per_call))])
     tasks, n = support.shape[:2]
     images = torch.cat([support, query], 1).flatten(0, 1)
-    if kind in ("protonet", "ridge"):
+    if kind in RAW_EMBEDDING:
         embedding = lambda part: embed(theta, part, channels_last=True)  # noqa: E731
     else:
         embedding = lambda part: features(theta, part, hyper["temperature"], channels_last=True)  # noqa: E731
@@ -303,7 +333,7 @@ def meta_loss_and_grad(kind: str, theta: Params, hyper: dict[str, Any], episode:
     """Mean query loss over the episode's tasks and its meta-gradient in ``theta``, all tasks at once:
     per-task inner problems in one vmapped call (MAML's default batching: one grouped network);
     ProtoNet's and ridge heads' embeddings in one batch."""
-    if kind in ("protonet", "ridge"):  # plain autograd: torch.func's grad is ~1.5x slower on this network on CPU
+    if kind in RAW_EMBEDDING:  # plain autograd: torch.func's grad is ~1.5x slower on this network on CPU
         leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
         with torch.enable_grad():
             loss = shared_meta_loss(kind, leaves, episode)

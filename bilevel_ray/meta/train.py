@@ -47,7 +47,8 @@ def meta_train(kind: str, sampler: Any, *, steps: int | None = None, budget_s: f
                log_every: int = 50, train_split: str | None = None, schedule: str = "constant") -> FewShotLearner:
     """Meta-train a learner of ``kind`` on ``sampler``'s meta-batches for ``steps`` steps or until
     ``budget_s`` seconds of wall time, whichever comes first, with ``meta_lr`` following ``schedule``
-    (one of ``SCHEDULES``). ``train_split`` is recorded in the learner (``bilevel-ray eval`` then tests
+    (one of ``SCHEDULES``), from ``theta`` (a backbone, with or without a kind's extra meta-parameters)
+    or a fresh backbone of ``width``/``depth``. ``train_split`` is recorded in the learner (``bilevel-ray eval`` then tests
     on the other alphabets only)."""
     if kind not in DEFAULTS:
         raise ValueError(f"kind: must be one of {', '.join(DEFAULTS)}, got {kind!r}")
@@ -62,7 +63,8 @@ def meta_train(kind: str, sampler: Any, *, steps: int | None = None, budget_s: f
     if "batching" in settings:
         check_batching(settings["batching"])
     if theta is None:
-        theta = meta_params(kind, init_backbone(width=width, depth=depth, seed=seed, dtype=dtype), settings)
+        theta = init_backbone(width=width, depth=depth, seed=seed, dtype=dtype)
+    theta = {**meta_params(kind, theta, settings), **theta}  # a given theta keeps its own ridge parameters
     params = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
     opt = torch.optim.Adam(params.values(), lr=meta_lr)
     start, t = time.perf_counter(), 0
