@@ -22,7 +22,7 @@ def write(tmp_path, **sections):
     return path
 
 
-@pytest.mark.parametrize("backend", ["sim", "ray"])
+@pytest.mark.parametrize("backend", ["sim", pytest.param("ray", marks=pytest.mark.uses_ray)])
 def test_decentralized_run_logs_network_metrics(tmp_path, capsys, backend, request):
     if backend == "ray":
         request.getfixturevalue("ray_cluster")  # the session's loopback cluster
