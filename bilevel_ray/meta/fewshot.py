@@ -54,8 +54,8 @@ class FewShotLearner:
     """A meta-trained learner: ``kind`` (one of ``KINDS``), its meta-parameters and the adaptation
     settings it was trained with (``steps``, ``lr``, ``lam``, ``cg_iters``, ``reg``, ``head_steps``,
     ``size``; a ridge learner's ``scale`` and ``reg`` are its starting values, the learned ones are
-    ``params["ridge.log_scale"]`` and ``params["ridge.log_reg"]``), and its test-time support warps (``support_warps`` copies of magnitude
-    ``support_warp_magnitude``, see :meth:`with_support_warps`)."""
+    ``params["ridge.log_scale"]`` and ``params["ridge.log_reg"]``), and its test-time support warps
+    (``support_warps`` copies of magnitude ``support_warp_magnitude``, see :meth:`with_support_warps`)."""
 
     kind: str
     params: dict[str, torch.Tensor]

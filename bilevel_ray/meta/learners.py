@@ -306,8 +306,8 @@ def episode_task_logits(kind: str, theta: Params, hyper: dict[str, Any], support
     """:func:`task_logits` of every task of a batch ``(B, n, 1, S, S)``: MAML's adaptation as one grouped
     network (:func:`maml_tasks_logits`), iMAML's vmapped over tasks; for ProtoNet, ridge and
     hyper-representation heads, whose embedding does not depend on the task, every image embedded in one
-    batch first. Either way at most about ``EMBED_CHUNK`` images go through
-    the network at once (at least one task)."""
+    batch first. Either way at most about ``EMBED_CHUNK`` images go through the network at once (at
+    least one task)."""
     if kind not in SHARED_EMBEDDING:
         per_call = max(1, EMBED_CHUNK // (support.shape[1] + query.shape[1]))
         adapt = (partial(maml_tasks_logits, theta, hyper, ways=ways) if kind in ("maml", "fomaml") else

@@ -48,8 +48,8 @@ def meta_train(kind: str, sampler: Any, *, steps: int | None = None, budget_s: f
     """Meta-train a learner of ``kind`` on ``sampler``'s meta-batches for ``steps`` steps or until
     ``budget_s`` seconds of wall time, whichever comes first, with ``meta_lr`` following ``schedule``
     (one of ``SCHEDULES``), from ``theta`` (a backbone, with or without a kind's extra meta-parameters)
-    or a fresh backbone of ``width``/``depth``. ``train_split`` is recorded in the learner (``bilevel-ray eval`` then tests
-    on the other alphabets only)."""
+    or a fresh backbone of ``width``/``depth``. ``train_split`` is recorded in the learner
+    (``bilevel-ray eval`` then tests on the other alphabets only)."""
     if kind not in DEFAULTS:
         raise ValueError(f"kind: must be one of {', '.join(DEFAULTS)}, got {kind!r}")
     if steps is None and budget_s is None:
