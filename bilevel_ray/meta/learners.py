@@ -135,15 +135,17 @@ def _tasks_loss(params: Params, images: torch.Tensor, labels: torch.Tensor) -> t
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / labels.shape[1]
 
 
-def _grouped_adapt(leaves: Params, support: torch.Tensor, labels: torch.Tensor, *, steps: int, lr: float,
-                   create_graph: bool) -> Params:
-    """MAML's ``steps`` SGD steps on every task's support loss from ``leaves`` (with a head), all tasks as
-    one grouped network: the returned parameters carry a leading task axis."""
+def _grouped_adapt(theta: Params, support: torch.Tensor, labels: torch.Tensor, *, ways: int, steps: int,
+                   lr: float, create_graph: bool) -> tuple[Params, Params]:
+    """MAML's ``steps`` SGD steps on every task's support loss, all tasks as one grouped network (call
+    with grad enabled). Returns the leaves (a detached, grad-requiring copy of ``theta`` with its head or a
+    zero one) and the adapted parameters, which carry a leading task axis."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in with_head(theta, ways, _dim(theta, support)).items()}
     params = {k: v.expand(support.shape[0], *v.shape) for k, v in leaves.items()}
     for _ in range(steps):
         g = torch.autograd.grad(_tasks_loss(params, support, labels), list(params.values()), create_graph=create_graph)
         params = {k: p - lr * d for (k, p), d in zip(params.items(), g)}
-    return params
+    return leaves, params
 
 
 def maml_meta_grad(theta: Params, episode: Any, *, steps: int, lr: float, first_order: bool = False
@@ -154,11 +156,9 @@ def maml_meta_grad(theta: Params, episode: Any, *, steps: int, lr: float, first_
     the steps by ``torch.autograd`` (``create_graph`` unless ``first_order``). Equals the vmapped
     :func:`maml_task_loss` form."""
     tasks, ways = episode.classes.shape
-    leaves = {k: v.detach().requires_grad_(True) for k, v in
-              with_head(theta, ways, _dim(theta, episode.support)).items()}
     with torch.enable_grad():
-        params = _grouped_adapt(leaves, episode.support, episode.support_labels, steps=steps, lr=lr,
-                                create_graph=not first_order)
+        leaves, params = _grouped_adapt(theta, episode.support, episode.support_labels, ways=ways, steps=steps,
+                                        lr=lr, create_graph=not first_order)
         loss = _tasks_loss(params, episode.query, episode.query_labels) / tasks
         grads = torch.autograd.grad(loss, [leaves[k] for k in theta])
     return loss.detach(), dict(zip(theta, grads))
@@ -168,10 +168,9 @@ def maml_tasks_logits(theta: Params, hyper: dict[str, Any], support, support_lab
                       ) -> torch.Tensor:
     """Query logits ``(B, q, ways)`` of a batch of tasks after MAML's test-time adaptation (first order:
     nothing is differentiated through it), as one grouped network: :func:`task_logits` of each task."""
-    leaves = {k: v.detach().requires_grad_(True) for k, v in with_head(theta, ways, _dim(theta, support)).items()}
     with torch.enable_grad():
-        params = _grouped_adapt(leaves, support, support_labels, steps=hyper["steps"], lr=hyper["lr"],
-                                create_graph=False)
+        _, params = _grouped_adapt(theta, support, support_labels, ways=ways, steps=hyper["steps"], lr=hyper["lr"],
+                                   create_graph=False)
     with torch.no_grad():
         return _tasks_logits(params, query)
 
