@@ -265,7 +265,10 @@ def make_tuner(sweep: Sweep, *, path: Path, resume: bool = False, verbose: int =
         trainable, param_space=domains,
         tune_config=tune.TuneConfig(metric=settings.metric, mode=settings.mode, scheduler=scheduler,
                                     search_alg=search_alg, num_samples=settings.num_samples,
-                                    max_concurrent_trials=settings.max_concurrent_trials or None),
+                                    max_concurrent_trials=settings.max_concurrent_trials or None,
+                                    # a new trial (or a PBT exploit) takes over a finished trial's actor and
+                                    # placement group when their resources match: no process start-up
+                                    reuse_actors=True),
         run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=verbose,
                                   failure_config=tune.FailureConfig(max_failures=settings.max_failures),
                                   # PBT exploits other trials' recent checkpoints: keep a few more
