@@ -134,15 +134,14 @@ class RolloutSampler:
         box = isinstance(self.action_space, gym.spaces.Box)
         obs, actions, rewards, mask, logp = [], [], [], [], []
         alive = np.ones(n, dtype=bool)
+        # The policy runs on each task's episodes as one batch even when the tasks share it: a matmul's
+        # float rounding can depend on its number of rows, and Ray workers split a request by task.
+        policies = params if per_task else [params] * len(tasks)
+        groups = [slice(k * episodes_per_task, (k + 1) * episodes_per_task) for k in range(len(tasks))]
         for t in range(self.horizon):
             o = torch.tensor(obs_np, dtype=dtype)  # a copy: the vector env reuses its buffer
-            if per_task:
-                groups = [slice(k * episodes_per_task, (k + 1) * episodes_per_task) for k in range(len(tasks))]
-                a = torch.cat([self.policy.act(p, o[g], noise[t, g]) for p, g in zip(params, groups)])
-                logp.append(torch.cat([self.policy.log_prob(p, o[g], a[g]) for p, g in zip(params, groups)]))
-            else:
-                a = self.policy.act(params, o, noise[t])
-                logp.append(self.policy.log_prob(params, o, a))
+            a = torch.cat([self.policy.act(p, o[g], noise[t, g]) for p, g in zip(policies, groups)])
+            logp.append(torch.cat([self.policy.log_prob(p, o[g], a[g]) for p, g in zip(policies, groups)]))
             a_np = a.numpy()
             if box:
                 a_np = np.clip(a_np, self.action_space.low, self.action_space.high).astype(self.action_space.dtype)
