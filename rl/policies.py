@@ -79,15 +79,19 @@ class GaussianMLPPolicy:
 
     def log_prob(self, params: Params, obs: Tensor, actions: Tensor) -> Tensor:
         """Written out (no ``torch.distributions`` argument checks), so it runs under ``torch.func``."""
-        mean = _mlp(params, obs, len(self.hidden) + 1)
+        return self._log_density(params, _mlp(params, obs, len(self.hidden) + 1), actions)
+
+    def _log_density(self, params: Params, mean: Tensor, actions: Tensor) -> Tensor:
         log_std = params["log_std"]
         z = (actions - mean) * torch.exp(-log_std)
         return -0.5 * (z * z).sum(-1) - log_std.sum() - 0.5 * self.act_dim * math.log(2 * math.pi)
 
-    def act(self, params: Params, obs: Tensor, noise: Tensor) -> Tensor:
-        """``mean + std · noise`` with ``noise`` standard normal of shape ``(..., act_dim)``."""
+    def sample(self, params: Params, obs: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mean + std · noise, log_prob of it)`` from one pass of the MLP, ``noise`` standard normal of
+        shape ``(..., act_dim)``."""
         mean = _mlp(params, obs, len(self.hidden) + 1)
-        return mean + params["log_std"].exp() * noise
+        actions = mean + params["log_std"].exp() * noise
+        return actions, self._log_density(params, mean, actions)
 
     def kl(self, old: Params, new: Params, obs: Tensor) -> Tensor:
         """Per-state ``KL(π_old(·|s) ‖ π_new(·|s))``."""
@@ -116,13 +120,19 @@ class CategoricalMLPPolicy:
         return Categorical(logits=_mlp(params, obs, len(self.hidden) + 1))
 
     def log_prob(self, params: Params, obs: Tensor, actions: Tensor) -> Tensor:
-        logits = torch.log_softmax(_mlp(params, obs, len(self.hidden) + 1), -1)
-        return logits.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+        return self._log_mass(_mlp(params, obs, len(self.hidden) + 1), actions)
 
-    def act(self, params: Params, obs: Tensor, noise: Tensor) -> Tensor:
-        """Inverse-CDF sampling with ``noise`` uniform in [0, 1) of shape ``(...)``."""
-        cdf = self.distribution(params, obs).probs.cumsum(-1)
-        return torch.searchsorted(cdf, noise.unsqueeze(-1).to(cdf.dtype)).squeeze(-1).clamp_(max=self.n_actions - 1)
+    @staticmethod
+    def _log_mass(logits: Tensor, actions: Tensor) -> Tensor:
+        return torch.log_softmax(logits, -1).gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+
+    def sample(self, params: Params, obs: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """``(action, log_prob of it)`` from one pass of the MLP, by inverse-CDF sampling with ``noise``
+        uniform in [0, 1) of shape ``(...)``."""
+        logits = _mlp(params, obs, len(self.hidden) + 1)
+        cdf = Categorical(logits=logits).probs.cumsum(-1)
+        actions = torch.searchsorted(cdf, noise.unsqueeze(-1).to(cdf.dtype)).squeeze(-1).clamp_(max=self.n_actions - 1)
+        return actions, self._log_mass(logits, actions)
 
     def kl(self, old: Params, new: Params, obs: Tensor) -> Tensor:
         return torch.distributions.kl_divergence(self.distribution(old, obs), self.distribution(new, obs))

@@ -140,8 +140,9 @@ class RolloutSampler:
         groups = [slice(k * episodes_per_task, (k + 1) * episodes_per_task) for k in range(len(tasks))]
         for t in range(self.horizon):
             o = torch.tensor(obs_np, dtype=dtype)  # a copy: the vector env reuses its buffer
-            a = torch.cat([self.policy.act(p, o[g], noise[t, g]) for p, g in zip(policies, groups)])
-            logp.append(torch.cat([self.policy.log_prob(p, o[g], a[g]) for p, g in zip(policies, groups)]))
+            a, lp = (torch.cat(part) for part in zip(*(self.policy.sample(p, o[g], noise[t, g])
+                                                        for p, g in zip(policies, groups))))
+            logp.append(lp)
             a_np = a.numpy()
             if box:
                 a_np = np.clip(a_np, self.action_space.low, self.action_space.high).astype(self.action_space.dtype)

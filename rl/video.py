@@ -25,7 +25,7 @@ def episode_frames(env_id: str, task: dict, policy: Any, params: dict, *, horizo
         for t in range(horizon):
             o = torch.as_tensor(np.asarray(obs), dtype=next(iter(params.values())).dtype)
             noise = torch.zeros(policy.noise_shape, dtype=o.dtype) + (0.5 if not policy.noise_shape else 0.0)
-            action = policy.act(params, o, noise).detach().numpy()
+            action = policy.sample(params, o, noise)[0].detach().numpy()
             obs, _, terminated, truncated, _ = env.step(action if action.ndim else int(action))
             if t % every == 0 or terminated or truncated or t == horizon - 1:
                 frames.append(np.asarray(env.render()))

@@ -416,11 +416,12 @@ def test_protonet_meta_gradient_matches_a_loop(pool12):
         assert torch.allclose(g[k], r, atol=1e-10, rtol=1e-8), k
 
 
+@pytest.mark.parametrize("head", ["linear", "prototype"])
 @pytest.mark.parametrize("softmax", ["task", "all"])
-def test_hyper_representation_hypergradient_matches_the_dense_implicit_one(omniglot, softmax):
+def test_hyper_representation_hypergradient_matches_the_dense_implicit_one(omniglot, softmax, head):
     """∇h = ∇_x f − ∇²_xy g (∇²_yy g)⁻¹ ∇_y f at y*(x): oracles + CG against dense Jacobians (float64)."""
     task = make_task("omniglot", width=2, depth=4, ways=4, meta_batch=2, shots=1, queries=1, rotations=1,
-                     test_split=None, reg=0.05, dtype="float64", softmax=softmax)
+                     test_split=None, reg=0.05, dtype="float64", softmax=softmax, head=head)
     x, y0 = task.init(seed=0)
     rng = np.random.default_rng(0)
     bi, bo = task.inner.sample(rng)[1], task.outer.sample(rng)[1]
@@ -449,6 +450,33 @@ def test_hyper_representation_hypergradient_matches_the_dense_implicit_one(omnig
         lambda xv: torch.func.grad(task.g, argnums=1)(tree.unflatten_like(xv, x), y, bi).reshape(-1), xf)
     dense = tree.flatten(fx) - hxy.T @ torch.linalg.solve(hyy, fy.reshape(-1))
     assert float((tree.flatten(ours) - dense).abs().max()) <= 1e-8 * max(1.0, float(dense.abs().max()))
+
+
+def test_prototype_rows_solve_to_the_class_centres_and_score_by_distance(omniglot):
+    """``head="prototype"``: without the ridge term, the lower level's minimiser puts each class's row at the
+    mean of its support features, and a row scores a drawing by ``−‖φ − c‖²/2`` up to the drawing's constant."""
+    task = make_task("omniglot", width=3, ways=4, meta_batch=3, shots=2, queries=1, rotations=4, test_split=None,
+                     reg=1e-3, dtype="float64", head="prototype", temperature=5.0)
+    x, y = task.init(seed=0)
+    assert y.shape == (task.num_classes, 3)
+    batch = task.inner.sample(np.random.default_rng(0))[1]
+    feats = task._features(x, batch, torch.float64)
+    ids = torch.gather(batch.classes, 1, batch.support_labels)
+    centres = torch.zeros_like(y).index_add_(0, ids.reshape(-1), feats.reshape(-1, 3))
+    counts = torch.bincount(ids.reshape(-1), minlength=task.num_classes).to(y.dtype)
+    seen = counts > 0
+    centres[seen] /= counts[seen, None]
+    grad = oracles.grad_y(task.g, x, centres, batch)  # the ridge term's reg·y is all that is left
+    assert float((grad - task.reg * centres).abs().max()) < 1e-12 and float(centres.abs().max()) > 0.1
+    hess = torch.autograd.functional.hessian(lambda u: task.g(x, u.reshape(y.shape), batch), y.reshape(-1))
+    assert float(hess.diagonal().reshape(y.shape)[seen].min()) > 0  # strongly convex in every sampled row
+    y_rand = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(1))
+    for softmax in ("task", "all"):
+        logits, _ = dataclasses.replace(task, softmax=softmax)._logits(x, y_rand, batch)
+        rows = y_rand[None] if softmax == "all" else y_rand[batch.classes].repeat_interleave(feats.shape[1], 0)
+        dist = -0.5 * ((feats.reshape(-1, 1, 3) - rows) ** 2).sum(-1)
+        shift = logits - dist
+        assert torch.allclose(shift, shift[:, :1].expand_as(shift), atol=1e-10)
 
 
 # -- the few-shot API ---------------------------------------------------------------------------------

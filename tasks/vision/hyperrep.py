@@ -16,6 +16,12 @@ batch's drawings of other classes, as in classifier pre-training (Tian et al. 20
 level stays strongly convex. New classes are handled by fitting a fresh head on the support
 embeddings (:func:`~bilevel_ray.meta.learners.fit_head`); ``metrics`` reports that few-shot accuracy
 on the test split's unseen alphabets. Decentralized agents each take their own alphabets.
+
+With ``head="prototype"`` a row of ``y`` is a class centre ``c`` (prototypical networks' metric, Snell
+et al. 2017, with persistent centres): ``g`` is, per class of the batch, half the mean squared distance
+of its row to its support features (plus the ridge term), minimised by the class's mean support
+feature, and ``f`` scores a query drawing by ``−‖φ − c‖²/2``. A new task's lower level is then solved
+exactly by its support features' class means, which is how its learner classifies (no head fitting).
 """
 
 from __future__ import annotations
@@ -35,7 +41,10 @@ from bilevel_ray.tasks.vision.backbone import feature_dim, features, init_backbo
 from bilevel_ray.tasks.vision.episodes import ClassPool, EpisodeSampler
 from bilevel_ray.tasks.vision.omniglot import SPLITS, load_omniglot
 
-__all__ = ["OmniglotTask"]
+__all__ = ["OmniglotTask", "HEADS"]
+
+#: what a row of ``y`` is: a linear class head ``[w_c, b_c]``, or a class centre ``c`` (prototype)
+HEADS = ("linear", "prototype")
 
 
 @register_task("omniglot")
@@ -56,9 +65,13 @@ class OmniglotTask(Task):
     depth: int = hp(4, low=1, high=4, strict=False, doc="conv blocks")
     softmax: str = hp("task", choices=("task", "all"),
                       doc="classes a drawing is scored against: its task's ways, or every training class")
+    head: str = hp("linear", choices=HEADS,
+                   doc="rows of y: linear heads (lower level: support CE), or class centres (lower level: "
+                       "squared distance to the support features; logits -||phi - y_c||^2/2)")
     reg: float = hp(1e-3, low=0, doc="ridge weight of the heads (strong convexity)")
     temperature: float = hp(10.0, low=0, doc="features are L2-normalised and scaled by this")
-    head_steps: int = hp(50, low=0, strict=False, doc="gradient steps fitting a new task's head")
+    head_steps: int = hp(50, low=0, strict=False,
+                         doc="gradient steps fitting a new task's linear head (prototype rows: none, its class centres)")
     eval_ways: int = hp(5, low=2, strict=False, doc="ways of the test_acc tasks")
     eval_shots: int = hp(1, low=1, strict=False, doc="shots of the test_acc tasks")
     eval_tasks: int = hp(100, low=2, strict=False, doc="tasks in test_acc (fixed set)")
@@ -91,13 +104,20 @@ class OmniglotTask(Task):
             raise ValueError(str(err).replace("task.shots", f"task.{name}")) from None
 
     # -- the bilevel problem -------------------------------------------------------------------------
-    def _logits(self, x: dict[str, torch.Tensor], y: torch.Tensor, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits of the batch's images and their targets: ``(B·n, ways)`` under their tasks' heads (rows
-        of ``y``) with ``softmax="task"``, ``(B·n, classes)`` under every head with ``"all"``."""
-        images, classes = batch.support, batch.classes
+    def _features(self, x: dict[str, torch.Tensor], batch: Any, dtype: torch.dtype) -> torch.Tensor:
+        images = batch.support
         b, n = batch.support_labels.shape
-        feats = features(x, images.reshape(b * n, *images.shape[2:]).to(y.dtype), self.temperature,
-                         channels_last=True).reshape(b, n, -1)
+        return features(x, images.reshape(b * n, *images.shape[2:]).to(dtype), self.temperature,
+                        channels_last=True).reshape(b, n, -1)
+
+    def _logits(self, x: dict[str, torch.Tensor], y: torch.Tensor, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of the batch's images and their targets: ``(B·n, ways)`` under their tasks' rows of ``y``
+        with ``softmax="task"``, ``(B·n, classes)`` under every row with ``"all"``. A prototype row ``c``
+        scores ``φ·c − ‖c‖²/2``, which is ``−‖φ − c‖²/2`` up to a per-drawing constant (the softmax's)."""
+        feats, classes = self._features(x, batch, y.dtype), batch.classes
+        b, n, _ = feats.shape
+        if self.head == "prototype":
+            y = torch.cat([y, -0.5 * (y * y).sum(1, keepdim=True)], 1)
         if self.softmax == "all":
             return (F.linear(feats.reshape(b * n, -1), y[:, :-1], y[:, -1]),
                     torch.gather(classes, 1, batch.support_labels).reshape(-1))
@@ -109,14 +129,23 @@ class OmniglotTask(Task):
         return F.cross_entropy(*self._logits(x, y, batch))
 
     def g(self, x: dict[str, torch.Tensor], y: torch.Tensor, batch: Any) -> torch.Tensor:
-        return self._loss(x, y, batch) + 0.5 * self.reg * (y * y).sum()
+        ridge = 0.5 * self.reg * (y * y).sum()
+        if self.head == "linear":
+            return self._loss(x, y, batch) + ridge
+        # per class of the batch, ½ the mean squared distance of its row to its support features: the
+        # minimiser is every class's mean support feature, and a step ρ moves a sampled row a fraction ρ of
+        # the way to its batch mean (an exponential moving average of the class centre)
+        feats = self._features(x, batch, y.dtype)
+        rows = y[torch.gather(batch.classes, 1, batch.support_labels)]
+        return 0.5 * batch.ways / feats.shape[1] * ((rows - feats) ** 2).sum() + ridge
 
     def f(self, x: dict[str, torch.Tensor], y: torch.Tensor, batch: Any) -> torch.Tensor:
         return self._loss(x, y, batch)
 
     def init(self, *, seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         x = init_backbone(width=self.width, depth=self.depth, seed=seed, dtype=DTYPES[self.dtype])
-        return x, torch.zeros(self.num_classes, feature_dim(x, self.data.images.shape[-1]) + 1, dtype=DTYPES[self.dtype])
+        dim = feature_dim(x, self.data.images.shape[-1]) + (self.head == "linear")
+        return x, torch.zeros(self.num_classes, dim, dtype=DTYPES[self.dtype])
 
     # -- agents, learner, metrics --------------------------------------------------------------------
     def shard(self, n_agents: int, *, split: str = "iid", alpha: float = 0.5, seed: int = 0):
@@ -149,7 +178,7 @@ class OmniglotTask(Task):
         from bilevel_ray.meta.fewshot import FewShotLearner
 
         return FewShotLearner("hyperrep", {k: v.detach() for k, v in x.items()},
-                              {"reg": self.reg, "head_steps": self.head_steps, "temperature": self.temperature,
+                              {"reg": self.reg, "head_steps": self.head_steps if self.head == "linear" else 0, "temperature": self.temperature,
                                "train_split": self.train_split, "size": int(self.data.images.shape[-1])})
 
     def metrics(self, x: dict[str, torch.Tensor], y: torch.Tensor) -> dict[str, float]:
