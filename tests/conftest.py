@@ -18,19 +18,10 @@ RAY_NODE_IP = "127.0.0.2"
 _SESSION = {}
 
 
-def pytest_collection_modifyitems(items):
-    """Tests on the session's Ray cluster form one xdist group: under ``-n N --dist loadgroup`` (what
-    ``scripts/test.sh`` runs) one worker starts the cluster and runs them all while the others run the
-    rest, so a run still starts one cluster."""
-    for item in items:
-        if "ray_cluster" in item.fixturenames or item.get_closest_marker("uses_ray"):
-            item.add_marker(pytest.mark.xdist_group("ray"))
-
-
 @pytest.fixture(autouse=True)
 def _ray_only_on_the_session_cluster():
     """Fail a test that started Ray in this process without the ``ray_cluster`` fixture (a Ray started
-    on its own binds to the machine's network address, and under xdist it would be a second cluster)."""
+    on its own binds to the machine's network address, and it would be this session's second cluster)."""
     yield
     if not _SESSION and "ray" in sys.modules:
         import ray
@@ -42,8 +33,11 @@ def _ray_only_on_the_session_cluster():
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One real multi-node Ray cluster for the whole session: a head and two worker nodes, all on
-    loopback, token auth as Ray defaults; shut down at the end."""
+    """One real multi-node Ray cluster for the whole session, started by the first test that asks: a
+    head and two worker nodes, all on loopback, token auth as Ray defaults; shut down at the end. Under
+    pytest-xdist each worker process is its own session and starts its own cluster when it first needs
+    one (``scripts/test.sh`` runs two workers; the Ray tests keep both cores busy, so running them all on
+    one worker would leave the other idle)."""
     import ray
     from ray.cluster_utils import Cluster
 

@@ -99,7 +99,7 @@ def test_a_trial_whose_agent_dies_is_retried_from_its_checkpoint(tmp_path, ray_c
     path = write(tmp_path, tune={"num_samples": 1, "max_failures": 2},
                  algorithm={"name": "d_soba", "outer_lr": 0.3, "inner_lr": 0.3, "linear_lr": 0.3},
                  decentralized={"agents": 2, "backend": "ray", "placement": "PACK"},
-                 run={"steps": 400, "eval_every": 5, "seed": 0, "checkpoint_every": 10})
+                 run={"steps": 150, "eval_every": 5, "seed": 0, "checkpoint_every": 10})
     killed = []
 
     def killer():  # once the trial has reported a few rows, kill an agent for good (no Ray restart)
@@ -122,7 +122,7 @@ def test_a_trial_whose_agent_dies_is_retried_from_its_checkpoint(tmp_path, ray_c
     (rows,) = trials_of(tmp_path / "fail").values()
     restored = {int(r["restored_step"]) for r in rows} - {-1}
     assert restored and all(at % 10 == 0 and 0 < at for at in restored)  # from a checkpoint, not from 0
-    assert int(rows[-1]["step"]) == 400
+    assert int(rows[-1]["step"]) == 150
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
