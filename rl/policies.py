@@ -120,19 +120,19 @@ class CategoricalMLPPolicy:
         return Categorical(logits=_mlp(params, obs, len(self.hidden) + 1))
 
     def log_prob(self, params: Params, obs: Tensor, actions: Tensor) -> Tensor:
-        return self._log_mass(_mlp(params, obs, len(self.hidden) + 1), actions)
+        return self._pick(torch.log_softmax(_mlp(params, obs, len(self.hidden) + 1), -1), actions)
 
     @staticmethod
-    def _log_mass(logits: Tensor, actions: Tensor) -> Tensor:
-        return torch.log_softmax(logits, -1).gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+    def _pick(log_probs: Tensor, actions: Tensor) -> Tensor:
+        return log_probs.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
 
     def sample(self, params: Params, obs: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
-        """``(action, log_prob of it)`` from one pass of the MLP, by inverse-CDF sampling with ``noise``
-        uniform in [0, 1) of shape ``(...)``."""
-        logits = _mlp(params, obs, len(self.hidden) + 1)
-        cdf = Categorical(logits=logits).probs.cumsum(-1)
+        """``(action, log_prob of it)`` from one pass of the MLP and one log-softmax, by inverse-CDF
+        sampling with ``noise`` uniform in [0, 1) of shape ``(...)``."""
+        log_probs = torch.log_softmax(_mlp(params, obs, len(self.hidden) + 1), -1)
+        cdf = log_probs.exp().cumsum(-1)
         actions = torch.searchsorted(cdf, noise.unsqueeze(-1).to(cdf.dtype)).squeeze(-1).clamp_(max=self.n_actions - 1)
-        return actions, self._log_mass(logits, actions)
+        return actions, self._pick(log_probs, actions)
 
     def kl(self, old: Params, new: Params, obs: Tensor) -> Tensor:
         return torch.distributions.kl_divergence(self.distribution(old, obs), self.distribution(new, obs))
