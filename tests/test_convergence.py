@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._pytree import tree_flatten
 
 from bilevel_ray import algorithms as A
 from bilevel_ray.tasks import make_task
@@ -75,6 +76,34 @@ def test_soba_cosine_schedule_anneals_the_outer_step():
     assert task.metrics(cosine.x, cosine.y)["rel_error"] <= 0.25 < task.metrics(constant.x, constant.y)["rel_error"] / 2
     with pytest.raises(ValueError, match=r"^algorithm.horizon: schedule cosine needs a horizon >= 1"):
         A.make("soba", schedule="cosine")
+
+
+@pytest.mark.parametrize("name", ["soba", "bome", "dsbo", "dsbo_gt", "d_soba"])
+def test_adam_outer_step_is_torch_adam_on_the_papers_direction(name):
+    """``outer_opt: adam``: each step moves x (BOME: x and y) as ``torch.optim.Adam`` does when fed the
+    direction that the paper's rule (``outer_opt: sgd``, outer step 1) takes from the same state; every
+    other field of the state moves as in the paper."""
+    task = make_task("quadratic", batch_size=32, **QUAD)
+    hyper = {k: v for k, v in SETTINGS[name][0].items() if k != "outer_lr"}
+    adam = A.make(name, outer_lr=0.05, outer_opt="adam", beta1=0.8, beta2=0.99, eps=1e-6, **hyper)
+    paper = A.make(name, outer_lr=1.0, **hyper)
+    s = adam.init(task, *task.init(seed=0), seed=0)
+    moved = ("x", "y") if name == "bome" else ("x",)
+    ref = {k: getattr(s, k).clone().requires_grad_() for k in moved}
+    opt = torch.optim.Adam(ref.values(), lr=0.05, betas=(0.8, 0.99), eps=1e-6)
+    for _ in range(6):
+        p = paper.step(s._replace(moments=()), task)
+        for k, param in ref.items():
+            param.grad = getattr(s, k) - getattr(p, k)
+        opt.step()
+        s = adam.step(s, task)
+        for k, param in ref.items():
+            assert torch.allclose(getattr(s, k), param.detach(), rtol=0, atol=1e-12)
+        rest = [k for k in s._fields if k not in (*moved, "moments")]
+        ours, papers = (tree_flatten([getattr(u, k) for k in rest])[0] for u in (s, p))
+        assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(ours, papers))
+    with pytest.raises(ValueError, match=r"^algorithm\.beta1: must be < 1, got 1"):
+        A.make(name, beta1=1.0)
 
 
 def test_saba_converges_linearly_on_minibatches():

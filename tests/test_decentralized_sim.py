@@ -53,15 +53,18 @@ def test_one_agent_simulation_is_the_centralized_run():
     assert torch.allclose(agent.x, s.x, rtol=0, atol=1e-14) and torch.allclose(agent.y, s.y, rtol=0, atol=1e-14)
 
 
-@pytest.mark.parametrize("name", ["dsbo", "d_soba", "soba", "stocbio", "itd", "msgbio", "bome", "aid_cg", "saba"])
+@pytest.mark.parametrize("name", ["dsbo", "d_soba", "soba", "stocbio", "itd", "msgbio", "bome", "aid_cg", "saba",
+                                  "dsbo+adam", "bome+adam"])
 def test_stacked_agents_without_gossip_equal_independent_runs(name):
-    """W = I: each stacked agent must follow exactly its own single-agent run on its shard."""
+    """W = I: each stacked agent must follow exactly its own single-agent run on its shard (``+adam``:
+    with Adam's outer step, whose moments must stay per agent)."""
     task = make_task("logreg_hpo", dataset="synthetic", n_samples=400, n_features=5, batch_size=16)
     agents = make_agents(task, 3, split="dirichlet", alpha=1.0, seed=1)
+    name, _, opt = name.partition("+")
     hyper = DSBO if name in ("dsbo", "d_soba") else {}
     if name == "d_soba":
         hyper = {k: v for k, v in DSBO.items() if k not in ("inner_steps", "linear_steps")}
-    algo = A.make(name, **hyper)
+    algo = A.make(name, **{**hyper, **({"outer_opt": opt, "outer_lr": 0.05} if opt else {})})
     sim = SimBackend(algo, agents, lambda t: np.eye(3), seed=2)
     for _ in range(4):
         sim.step()

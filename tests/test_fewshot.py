@@ -20,9 +20,10 @@ from bilevel_ray.meta import FewShotLearner, evaluate, load
 from bilevel_ray.meta.learners import (cg_fixed, episode_task_logits, imaml_solve, imaml_task_grad, maml_adapt,
                                        meta_loss_and_grad, meta_params, ridge_head, task_logits, with_head)
 from bilevel_ray.meta.train import meta_train
+from bilevel_ray.problem import rng_for
 from bilevel_ray.tasks import make_task
 from bilevel_ray.tasks.vision.augment import RandomAffine, warp
-from bilevel_ray.tasks.vision.backbone import ConvNet, embed, embed_tasks, feature_dim, init_backbone
+from bilevel_ray.tasks.vision.backbone import ConvNet, embed, embed_tasks, feature_dim, features, init_backbone
 from bilevel_ray.tasks.vision.benchmarks import expected_files, learn2learn_tasksets
 from bilevel_ray.tasks.vision.episodes import ClassPool, EpisodeSampler, learn2learn_tasks, split_l2l_task
 from bilevel_ray.tasks.vision.omniglot import find_omniglot, load_omniglot
@@ -297,6 +298,10 @@ def test_channels_last_embedding_is_the_same_function(pool12):
     assert torch.allclose(firsts[0], firsts[1], atol=1e-12)
     for a, b in zip(*seconds):
         assert torch.allclose(a, b, atol=1e-9, rtol=1e-9)
+    # features: the embeddings at norm ``temperature``, or as they are for temperature 0
+    scaled, raw = (features(theta, ep.query[0], t, channels_last=True) for t in (5.0, 0.0))
+    assert torch.allclose(scaled.norm(dim=-1), torch.full((len(raw),), 5.0, dtype=raw.dtype))
+    assert torch.equal(raw, firsts[1]) and torch.allclose(scaled, 5 * raw / raw.norm(dim=-1, keepdim=True))
 
 
 @pytest.mark.parametrize("kind", ["protonet", "ridge", "hyperrep", "maml"])
@@ -454,12 +459,14 @@ def test_hyper_representation_hypergradient_matches_the_dense_implicit_one(omnig
 
 def test_prototype_rows_solve_to_the_class_centres_and_score_by_distance(omniglot):
     """``head="prototype"``: without the ridge term, the lower level's minimiser puts each class's row at the
-    mean of its support features, and a row scores a drawing by ``−‖φ − c‖²/2`` up to the drawing's constant."""
+    mean of its support features, with curvature 1 in every sampled row even when several tasks of the batch
+    draw the class (so an inner step of 1 lands on the centres), and a row scores a drawing by ``−‖φ − c‖²/2``
+    up to the drawing's constant."""
     task = make_task("omniglot", width=3, ways=4, meta_batch=3, shots=2, queries=1, rotations=4, test_split=None,
                      reg=1e-3, dtype="float64", head="prototype", temperature=5.0)
     x, y = task.init(seed=0)
     assert y.shape == (task.num_classes, 3)
-    batch = task.inner.sample(np.random.default_rng(0))[1]
+    batch = task.inner.sampler.episodes(np.random.default_rng(0), 3, among=np.arange(6))  # classes repeat
     feats = task._features(x, batch, torch.float64)
     ids = torch.gather(batch.classes, 1, batch.support_labels)
     centres = torch.zeros_like(y).index_add_(0, ids.reshape(-1), feats.reshape(-1, 3))
@@ -469,7 +476,8 @@ def test_prototype_rows_solve_to_the_class_centres_and_score_by_distance(omniglo
     grad = oracles.grad_y(task.g, x, centres, batch)  # the ridge term's reg·y is all that is left
     assert float((grad - task.reg * centres).abs().max()) < 1e-12 and float(centres.abs().max()) > 0.1
     hess = torch.autograd.functional.hessian(lambda u: task.g(x, u.reshape(y.shape), batch), y.reshape(-1))
-    assert float(hess.diagonal().reshape(y.shape)[seen].min()) > 0  # strongly convex in every sampled row
+    assert int(counts.max()) > task.shots  # a class of several tasks
+    assert torch.allclose(hess.diagonal().reshape(y.shape)[seen], torch.tensor(1 + task.reg, dtype=y.dtype))
     y_rand = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(1))
     for softmax in ("task", "all"):
         logits, _ = dataclasses.replace(task, softmax=softmax)._logits(x, y_rand, batch)
@@ -477,6 +485,26 @@ def test_prototype_rows_solve_to_the_class_centres_and_score_by_distance(omniglo
         dist = -0.5 * ((feats.reshape(-1, 1, 3) - rows) ** 2).sum(-1)
         shift = logits - dist
         assert torch.allclose(shift, shift[:, :1].expand_as(shift), atol=1e-10)
+
+
+def test_paired_tasks_give_both_levels_a_steps_classes():
+    """``paired=True``: every draw from one step's generator, lower or upper level, whatever was drawn before,
+    has the same tasks (classes), with the support and the query drawings of each; other steps differ."""
+    kw = dict(width=2, ways=5, meta_batch=3, shots=1, queries=2, rotations=4, test_split=None, head="prototype")
+    task = make_task("omniglot", paired=True, **kw)
+    rng = rng_for(0, 1, 7)
+    inner, again, outer = task.inner.sample(rng)[1], task.inner.sample(rng)[1], task.outer.sample(rng)[1]
+    assert torch.equal(inner.classes, again.classes) and torch.equal(inner.classes, outer.classes)
+    assert not torch.equal(inner.support, again.support)  # fresh drawings and warps each draw
+    assert outer.support.shape[1] == 5 * 2
+    assert not torch.equal(task.inner.sample(rng_for(0, 1, 8))[1].classes, inner.classes)
+    (agent_inner, agent_outer), _ = task.shard(2)
+    rng = rng_for(0, 0, 3)
+    a, b = agent_inner.sample(rng)[1], agent_outer.sample(rng)[1]
+    assert torch.equal(a.classes, b.classes) and set(a.classes.reshape(-1).tolist()) <= set(agent_inner.classes.tolist())
+    independent = make_task("omniglot", **kw)
+    rng = rng_for(0, 1, 7)
+    assert not torch.equal(independent.inner.sample(rng)[1].classes, independent.outer.sample(rng)[1].classes)
 
 
 # -- the few-shot API ---------------------------------------------------------------------------------

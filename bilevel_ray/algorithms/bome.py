@@ -3,7 +3,8 @@
 First order: from the current ``y``, ``T`` gradient steps on ``g(x, ·)`` give ``θ_T`` (a constant); the
 value-function gap ``q(x, y) = g(x, y) − g(x, θ_T)`` is pushed down by a dynamic barrier
 ``λ = max(φ − <∇f, ∇q>, 0)/‖∇q‖²`` and ``(x, y) ← (x, y) − ξ(∇f + λ∇q)``. No HVP or JVP, so it works
-when the lower level is not strongly convex.
+when the lower level is not strongly convex. ``outer_opt: adam`` preconditions the joint direction
+``(∇f + λ∇q)`` with Adam (:mod:`._adaptive`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 
 from bilevel_ray import oracles, tree
 from bilevel_ray.params import hp
-from bilevel_ray.algorithms.base import Calls, Hyperparams, Mix, identity_mix, register
+from bilevel_ray.algorithms._adaptive import AdaptiveOuter, Moments
+from bilevel_ray.algorithms.base import Calls, Mix, identity_mix, register
 from bilevel_ray.problem import BilevelProblem, rng_for
 from bilevel_ray.tree import PyTree
 
@@ -27,11 +29,12 @@ class BOMEState(NamedTuple):
     seed: int
     rank: int
     calls: Calls
+    moments: Moments | tuple = ()  # the outer step rule's (Adam's) state, over (x, y)
 
 
 @register("bome")
 @dataclass(frozen=True)
-class BOME(Hyperparams):
+class BOME(AdaptiveOuter):
     outer_lr: float = hp(0.01, low=0, doc="ξ, joint step of (x, y)")
     inner_lr: float = hp(0.1, low=0, doc="α, step of the T inner steps")
     inner_steps: int = hp(10, low=1, strict=False, doc="T")
@@ -39,7 +42,7 @@ class BOME(Hyperparams):
     phi: str = hp("grad_norm", choices=("grad_norm", "value"), doc="φ = η‖∇q‖² or φ = η q")
 
     def init(self, problem: BilevelProblem, x: PyTree, y: PyTree, *, seed: int = 0, rank: int = 0) -> BOMEState:
-        return BOMEState(tree.detach(x), tree.detach(y), 0, seed, rank, Calls())
+        return BOMEState(tree.detach(x), tree.detach(y), 0, seed, rank, Calls(), self.init_moments((x, y)))
 
     def step(self, s: BOMEState, problem: BilevelProblem, mix: Mix = identity_mix) -> BOMEState:
         rng = rng_for(s.seed, s.rank, s.t)
@@ -57,7 +60,8 @@ class BOME(Hyperparams):
         phi = self.eta * (q_sq if self.phi == "grad_norm" else g_val - g_theta)
         inner = tree.vdot(fx, qx, nb) + tree.vdot(fy, qy, nb)
         lam = torch.clamp(phi - inner, min=0) / q_sq.clamp_min(torch.finfo(q_sq.dtype).tiny)
-        x = tree.axpy(-self.outer_lr, tree.axpy(lam, qx, fx), mix(s.x))
-        y = tree.axpy(-self.outer_lr, tree.axpy(lam, qy, fy), mix(s.y))
+        (dx, dy), moments = self.precondition((tree.axpy(lam, qx, fx), tree.axpy(lam, qy, fy)), s.moments, s.t)
+        x = tree.axpy(-self.outer_lr, dx, mix(s.x))
+        y = tree.axpy(-self.outer_lr, dy, mix(s.y))
         calls = s.calls.add(grad_f=1, grad_g=self.inner_steps + 2)
-        return BOMEState(tree.detach(x), tree.detach(y), s.t + 1, s.seed, s.rank, calls)
+        return BOMEState(tree.detach(x), tree.detach(y), s.t + 1, s.seed, s.rank, calls, tree.detach(moments))

@@ -6,7 +6,8 @@ Agent ``i`` (its own ``f_i``, ``g_i``; ``mix`` = ``Σ_j w_ij (·)_j``), outer st
 ``z ← mix(z) − γ(∇²_yy g_i·z − ∇_y f_i)``; local hypergradient ``u = ∇_x f_i − ∇²_xy g_i·z``; moving
 average ``r ← (1 − τ)r + τu``; ``x ← mix(x) − α r``. With gradient tracking, ``s ← mix(s) + r_new − r_old``
 and ``x`` moves along ``s``. Only HVPs and JVPs. With one agent (``mix`` the identity) DSBO is a
-centralized double-loop method with warm starts.
+centralized double-loop method with warm starts. ``outer_opt: adam`` preconditions the outer direction
+with Adam, per agent (:mod:`._adaptive`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from bilevel_ray import oracles, tree
-from bilevel_ray.algorithms.base import Calls, Hyperparams, Mix, identity_mix, register
+from bilevel_ray.algorithms._adaptive import AdaptiveOuter, Moments
+from bilevel_ray.algorithms.base import Calls, Mix, identity_mix, register
 from bilevel_ray.params import hp
 from bilevel_ray.problem import BilevelProblem, rng_for
 from bilevel_ray.tree import PyTree
@@ -31,11 +33,12 @@ class DSBOState(NamedTuple):
     seed: int
     rank: int
     calls: Calls
+    moments: Moments | tuple = ()  # the outer step rule's (Adam's) state
 
 
 @register("dsbo")
 @dataclass(frozen=True)
-class DSBO(Hyperparams):
+class DSBO(AdaptiveOuter):
     outer_lr: float = hp(0.01, low=0, doc="α, step of x")
     inner_lr: float = hp(0.1, low=0, doc="β, step of the T lower steps")
     linear_lr: float = hp(0.1, low=0, doc="γ, step of the N linear-system steps")
@@ -48,7 +51,7 @@ class DSBO(Hyperparams):
     def init(self, problem: BilevelProblem, x: PyTree, y: PyTree, *, seed: int = 0, rank: int = 0) -> DSBOState:
         x, y = tree.detach(x), tree.detach(y)
         zx = tree.zeros_like(x)
-        return DSBOState(x, y, tree.zeros_like(y), zx, zx, 0, seed, rank, Calls())
+        return DSBOState(x, y, tree.zeros_like(y), zx, zx, 0, seed, rank, Calls(), self.init_moments(x))
 
     def step(self, s: DSBOState, problem: BilevelProblem, mix: Mix = identity_mix) -> DSBOState:
         rng = rng_for(s.seed, s.rank, s.t)
@@ -66,9 +69,11 @@ class DSBO(Hyperparams):
         u = tree.sub(fx, oracles.cross(problem.g, x, y, z, bi))
         r = tree.lerp(s.r, u, self.tau)
         direction = tree.add(mix(s.s), tree.sub(r, s.r)) if self.tracking else r
-        x = tree.axpy(-self.outer_lr, direction, mix(x))
+        dx, moments = self.precondition(direction, s.moments, s.t)
+        x = tree.axpy(-self.outer_lr, dx, mix(x))
         calls = s.calls.add(grad_f=1, grad_g=self.inner_steps, hvp=self.linear_steps, jvp=1)
-        return DSBOState(*tree.detach((x, y, z, r, direction)), s.t + 1, s.seed, s.rank, calls)
+        return DSBOState(*tree.detach((x, y, z, r, direction)), s.t + 1, s.seed, s.rank, calls,
+                         tree.detach(moments))
 
 
 @register("dsbo_gt")

@@ -5,7 +5,7 @@
 The three first/second-order quantities of ``g`` come from one fused pass. Step sizes: the paper's
 decreasing ``ρ_t = ρ0/(t+1)^a``, ``γ_t = γ0/(t+1)^b``, or (``schedule="cosine"``, a deep-learning
 practice, not from the paper) a constant ``ρ`` with ``γ_t`` decayed to 0 along a half cosine over
-``horizon`` steps.
+``horizon`` steps. ``outer_opt: adam`` preconditions ``D_x`` with Adam (:mod:`._adaptive`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import NamedTuple
 
 from bilevel_ray import oracles, tree
 from bilevel_ray.params import hp
-from bilevel_ray.algorithms.base import Calls, Hyperparams, Mix, cosine_decay, decay, identity_mix, register
+from bilevel_ray.algorithms._adaptive import AdaptiveOuter, Moments
+from bilevel_ray.algorithms.base import Calls, Mix, cosine_decay, decay, identity_mix, register
 from bilevel_ray.problem import BilevelProblem, rng_for
 from bilevel_ray.tree import PyTree
 
@@ -33,11 +34,12 @@ class SOBAState(NamedTuple):
     seed: int
     rank: int
     calls: Calls
+    moments: Moments | tuple = ()  # the outer step rule's (Adam's) state
 
 
 @register("soba")
 @dataclass(frozen=True)
-class SOBA(Hyperparams):
+class SOBA(AdaptiveOuter):
     inner_lr: float = hp(0.1, low=0, doc="ρ0, step of y and v")
     outer_lr: float = hp(0.01, low=0, doc="γ0, step of x")
     schedule: str = hp("sqrt", choices=SCHEDULES,
@@ -57,7 +59,8 @@ class SOBA(Hyperparams):
         return decay(self.inner_lr, t, a), decay(self.outer_lr, t, b)
 
     def init(self, problem: BilevelProblem, x: PyTree, y: PyTree, *, seed: int = 0, rank: int = 0) -> SOBAState:
-        return SOBAState(tree.detach(x), tree.detach(y), tree.zeros_like(y), 0, seed, rank, Calls())
+        return SOBAState(tree.detach(x), tree.detach(y), tree.zeros_like(y), 0, seed, rank, Calls(),
+                         self.init_moments(x))
 
     def step(self, s: SOBAState, problem: BilevelProblem, mix: Mix = identity_mix) -> SOBAState:
         rng = rng_for(s.seed, s.rank, s.t)
@@ -68,5 +71,7 @@ class SOBA(Hyperparams):
         rho, gamma = self.step_sizes(s.t)
         y = tree.axpy(-rho, gy, mix(s.y))
         v = tree.axpy(-rho, tree.add(hv, fy), mix(s.v))
-        x = tree.axpy(-gamma, tree.add(jv, fx), mix(s.x))
-        return SOBAState(x, y, v, s.t + 1, s.seed, s.rank, s.calls.add(grad_f=1, grad_g=1, hvp=1, jvp=1))
+        dx, moments = self.precondition(tree.add(jv, fx), s.moments, s.t)
+        x = tree.axpy(-gamma, dx, mix(s.x))
+        calls = s.calls.add(grad_f=1, grad_g=1, hvp=1, jvp=1)
+        return SOBAState(x, y, v, s.t + 1, s.seed, s.rank, calls, moments)

@@ -82,9 +82,10 @@ def embed_tasks(params: Params, images: torch.Tensor) -> torch.Tensor:
 
 
 def features(params: Params, images: torch.Tensor, temperature: float, *, channels_last: bool = False) -> torch.Tensor:
-    """Embeddings scaled to norm ``temperature`` (cosine-classifier features: bounded logit curvature)."""
+    """Embeddings scaled to norm ``temperature`` (cosine-classifier features: bounded logit curvature);
+    the raw embeddings for ``temperature=0``."""
     h = embed(params, images, channels_last=channels_last)
-    return temperature * h / (h.norm(dim=-1, keepdim=True) + 1e-8)
+    return h if temperature == 0 else temperature * h / (h.norm(dim=-1, keepdim=True) + 1e-8)
 
 
 def feature_dim(params: Params, size: int = 28) -> int:

@@ -132,15 +132,16 @@ class EpisodeSampler:
     num_batches = None  # an infinite stream
 
     def episodes(self, rng: np.random.Generator, meta_batch: int | None = None, *,
-                 among: np.ndarray | None = None) -> Episode:
+                 among: np.ndarray | None = None, class_rng: np.random.Generator | None = None) -> Episode:
         """``meta_batch`` tasks (default ``self.meta_batch``), their classes drawn from ``among``
-        (pool class ids, rotated copies included; default all)."""
+        (pool class ids, rotated copies included; default all) with ``class_rng`` (default ``rng``),
+        their drawings and warps with ``rng``."""
         b = self.meta_batch if meta_batch is None else meta_batch
         n, k, q = self.ways, self.shots, self.queries
-        if among is None:
-            classes = np.argsort(rng.random((b, self.pool.num_classes)), axis=1)[:, :n]
-        else:
-            classes = np.asarray(among)[np.argsort(rng.random((b, len(among))), axis=1)[:, :n]]
+        size = self.pool.num_classes if among is None else len(among)
+        classes = np.argsort((rng if class_rng is None else class_rng).random((b, size)), axis=1)[:, :n]
+        if among is not None:
+            classes = np.asarray(among)[classes]
         counts = self.pool._counts[classes // self.pool.rotations]
         if self.query_pool is None:
             picks = _pick(rng, counts, k + q)

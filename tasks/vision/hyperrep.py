@@ -43,6 +43,9 @@ from bilevel_ray.tasks.vision.omniglot import SPLITS, load_omniglot
 
 __all__ = ["OmniglotTask", "HEADS"]
 
+#: spawn key of the generator that picks a step's classes with ``paired`` tasks
+PAIRED_KEY = 0x5EED
+
 #: what a row of ``y`` is: a linear class head ``[w_c, b_c]``, or a class centre ``c`` (prototype)
 HEADS = ("linear", "prototype")
 
@@ -63,13 +66,16 @@ class OmniglotTask(Task):
     support_drawings: int = hp(10, low=1, strict=False, doc="first drawings of each character for the lower level")
     width: int = hp(32, low=1, strict=False, doc="channels of the conv backbone")
     depth: int = hp(4, low=1, high=4, strict=False, doc="conv blocks")
+    paired: bool = hp(False, doc="a step's lower- and upper-level minibatches are the same tasks (support and "
+                                 "query drawings of the same classes, as in episodic meta-learning); false: "
+                                 "independent draws")
     softmax: str = hp("task", choices=("task", "all"),
                       doc="classes a drawing is scored against: its task's ways, or every training class")
     head: str = hp("linear", choices=HEADS,
                    doc="rows of y: linear heads (lower level: support CE), or class centres (lower level: "
                        "squared distance to the support features; logits -||phi - y_c||^2/2)")
     reg: float = hp(1e-3, low=0, doc="ridge weight of the heads (strong convexity)")
-    temperature: float = hp(10.0, low=0, doc="features are L2-normalised and scaled by this")
+    temperature: float = hp(10.0, low=0, strict=False, doc="features are L2-normalised and scaled by this (0: raw features)")
     head_steps: int = hp(50, low=0, strict=False,
                          doc="gradient steps fitting a new task's linear head (prototype rows: none, its class centres)")
     eval_ways: int = hp(5, low=2, strict=False, doc="ways of the test_acc tasks")
@@ -99,7 +105,7 @@ class OmniglotTask(Task):
     def _sampler(self, pool: ClassPool, shots: int, name: str, classes: np.ndarray | None = None) -> "_TaskSampler":
         try:
             sampler = EpisodeSampler(pool, self.ways, shots, 0, self.meta_batch, augment=RandomAffine(self.augment))
-            return _TaskSampler(sampler, classes, self.seed)
+            return _TaskSampler(sampler, classes, self.seed, self.paired)
         except ValueError as err:
             raise ValueError(str(err).replace("task.shots", f"task.{name}")) from None
 
@@ -132,12 +138,15 @@ class OmniglotTask(Task):
         ridge = 0.5 * self.reg * (y * y).sum()
         if self.head == "linear":
             return self._loss(x, y, batch) + ridge
-        # per class of the batch, ½ the mean squared distance of its row to its support features: the
-        # minimiser is every class's mean support feature, and a step ρ moves a sampled row a fraction ρ of
-        # the way to its batch mean (an exponential moving average of the class centre)
+        # per class of the batch, ½ the mean squared distance of its row to its support features (a class
+        # drawn by several tasks of the batch counts once): the minimiser is every class's mean support
+        # feature, and a step ρ moves a sampled row a fraction ρ of the way to its batch mean (an
+        # exponential moving average of the class centre)
         feats = self._features(x, batch, y.dtype)
-        rows = y[torch.gather(batch.classes, 1, batch.support_labels)]
-        return 0.5 * batch.ways / feats.shape[1] * ((rows - feats) ** 2).sum() + ridge
+        ids = torch.gather(batch.classes, 1, batch.support_labels).reshape(-1)
+        count = (ids[:, None] == ids[None, :]).sum(1)  # drawings of each drawing's class in the batch
+        sq = ((y[ids] - feats.reshape(ids.numel(), -1)) ** 2).sum(1)
+        return 0.5 * (sq / count).sum() + ridge
 
     def f(self, x: dict[str, torch.Tensor], y: torch.Tensor, batch: Any) -> torch.Tensor:
         return self._loss(x, y, batch)
@@ -169,8 +178,8 @@ class OmniglotTask(Task):
             if len(mine) < self.ways:
                 raise ValueError(f"decentralized.agents: agent {i} gets {len(mine)} classes, fewer than task.ways="
                                  f"{self.ways}; use fewer agents or fewer ways")
-            out.append((_TaskSampler(self.inner.sampler, mine, self.seed + i),
-                        _TaskSampler(self.outer.sampler, mine, self.seed + i)))
+            out.append((_TaskSampler(self.inner.sampler, mine, self.seed + i, self.paired),
+                        _TaskSampler(self.outer.sampler, mine, self.seed + i, self.paired)))
         return out
 
     def learner(self, x: dict[str, torch.Tensor], y: torch.Tensor) -> Any:
@@ -196,11 +205,14 @@ class OmniglotTask(Task):
 @dataclass(frozen=True)
 class _TaskSampler:
     """An :class:`EpisodeSampler` restricted to ``classes`` (all when ``None``), as a problem sampler;
-    ``full()`` is a fixed set of 4 meta-batches (for metrics and full-batch methods)."""
+    ``full()`` is a fixed set of 4 meta-batches (for metrics and full-batch methods). ``paired``: the
+    classes come from a generator derived from the seed of ``rng`` (not from its draws so far), so every
+    draw from one step's generator, lower or upper level, has the same tasks."""
 
     sampler: EpisodeSampler
     classes: np.ndarray | None
     seed: int
+    paired: bool = False
 
     num_batches = None
 
@@ -208,7 +220,11 @@ class _TaskSampler:
         return -1, self._draw(rng, self.sampler.meta_batch)
 
     def _draw(self, rng: np.random.Generator, b: int) -> Any:
-        return self.sampler.episodes(rng, b, among=self.classes)
+        class_rng = None
+        if self.paired:
+            seq = rng.bit_generator.seed_seq
+            class_rng = np.random.default_rng(np.random.SeedSequence(seq.entropy, spawn_key=(*seq.spawn_key, PAIRED_KEY)))
+        return self.sampler.episodes(rng, b, among=self.classes, class_rng=class_rng)
 
     def full(self) -> Any:
         cached = self.__dict__.get("_full")

@@ -1,0 +1,56 @@
+"""Outer step rule shared by SOBA, BOME and DSBO: plain (the papers' rule, ``x ← mix(x) − γ d``) or
+Adam (Kingma & Ba, ICLR 2015) on the outer direction ``d``, ``x ← mix(x) − γ m̂/(√v̂ + ε)``.
+
+Adam is a deep-learning practice, not from the bilevel papers; the papers' convergence results cover
+``outer_opt: sgd`` only. Its moments are per agent (each agent preconditions its own direction, as in
+DADAM, Nazari et al. 2022) and live in the algorithm state, so that runs resume and restart exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from bilevel_ray import tree
+from bilevel_ray.algorithms.base import Hyperparams
+from bilevel_ray.params import hp
+from bilevel_ray.tree import PyTree
+
+
+class Moments(NamedTuple):
+    """Adam's running averages of the outer direction and of its square."""
+
+    m: PyTree
+    v: PyTree
+
+
+@dataclass(frozen=True)
+class AdaptiveOuter(Hyperparams):
+    """Hyperparameters of the outer step rule (fields of the algorithms that use it)."""
+
+    outer_opt: str = hp("sgd", choices=("sgd", "adam"),
+                        doc="outer step rule: sgd (the paper's) or adam (m̂/(√v̂+ε), not from the paper)")
+    beta1: float = hp(0.9, low=0, high=1, strict=False, doc="Adam's first-moment decay (outer_opt adam)")
+    beta2: float = hp(0.999, low=0, high=1, doc="Adam's second-moment decay (outer_opt adam)")
+    eps: float = hp(1e-8, low=0, doc="Adam's ε (outer_opt adam)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta1 == 1:
+            raise ValueError(f"{self.section}.beta1: must be < 1, got {self.beta1!r}")
+
+    def init_moments(self, x: PyTree) -> Moments | tuple:
+        """Zero moments shaped like ``x`` for Adam; ``()`` (nothing to keep) for SGD."""
+        return Moments(tree.zeros_like(x), tree.zeros_like(x)) if self.outer_opt == "adam" else ()
+
+    def precondition(self, d: PyTree, moments: Moments | tuple, t: int) -> tuple[PyTree, Moments | tuple]:
+        """The step direction for raw direction ``d`` at outer step ``t`` (from 0), and the new moments."""
+        if self.outer_opt == "sgd":
+            return d, moments
+        m = tree.lerp(moments.m, d, 1 - self.beta1)
+        v = tree.tree_map(lambda vi, di: torch.lerp(vi, di * di, 1 - self.beta2), moments.v, d)
+        c1, c2 = 1 - self.beta1 ** (t + 1), 1 - self.beta2 ** (t + 1)
+        step = tree.tree_map(lambda mi, vi: (mi / c1) / ((vi / c2).sqrt() + self.eps), m, v)
+        return step, Moments(m, v)
