@@ -14,8 +14,10 @@ Every method trains on randomly warped drawings (:class:`~bilevel_ray.tasks.visi
 * SOBA, BOME: the hyper-representation bilevel task (``configs/omniglot_soba.yaml``,
   ``configs/omniglot_bome.yaml``): backbone ``x``, class-head table ``y`` (every drawing scored against
   every training class, ``softmax: all``); new tasks fit a ridge head.
-* DSBO: the same task, 4 agents on a ring, each on its own alphabets, vectorized simulation
-  (``configs/omniglot_dsbo_ring4.yaml``); the agents' average backbone is tested.
+* DSBO: the task's episodic prototype form (class centres as ``y``, a step's lower and upper level on the
+  same 30-way tasks, raw embeddings, Adam outer step), 4 agents on a ring, each on its own alphabets,
+  vectorized simulation (``configs/omniglot_dsbo_ring4.yaml``); the agents' average backbone is tested,
+  classifying by its support prototypes.
 * MAML: second-order MAML (1 inner step, zero-initialised head: any number of ways), the meta-batch's
   tasks as one grouped network, trained 5-way; ProtoNet: prototypical networks (reference), trained 60-way;
   both with Adam, learning rate 1e-3 decayed along a half cosine over the budget.
