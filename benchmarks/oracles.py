@@ -1,4 +1,4 @@
-"""Cost of the oracles of ``bilevel_ray.oracles`` (and of one SOBA step) on an MLP bilevel problem.
+"""Cost of the oracles of ``bilevel_ray.oracles`` (and of one SOBA step) on MLP and conv bilevel problems.
 
 Two problems on synthetic Gaussian data (10 classes from a random teacher), float32, batch 256:
 
@@ -8,6 +8,11 @@ Two problems on synthetic Gaussian data (10 classes from a random teacher), floa
 * ``wd`` (weight decay): ``y`` = the whole MLP 128→256→256→10 (101,386 parameters), ``x`` = one log
   weight decay per layer (3); ``g`` = CE + ½ Σ_l exp(x_l)‖W_l‖², ``f`` = validation CE.
 
+and ``conv``, the few-shot Omniglot task of ``configs/omniglot_dsbo_ring4.yaml`` (real drawings from
+``../shared/data/omniglot``; ``x`` = Conv-4 backbone of width 32 with group norm, ``y`` = a class
+centre per training class, ``g`` on a meta-batch of 2 tasks × 30 classes × 1 drawing; ``--batch``
+does not apply).
+
 For each problem, in one run, every operation is timed round-robin (so that the noise of a shared
 machine hits all of them alike): after a warm-up, each repeat times a block of calls lasting ≥
 ``--min-block`` seconds; the table shows the median time per call and the median, over repeats, of
@@ -16,15 +21,16 @@ the time relative to ``grad_xy`` measured in the same repeat. Operations: ``grad
 one SOBA step (``algorithms.make("soba")``, always from the same state, with the library's
 ``oracles.fused``). Rows marked ``*`` are prototypes timed for comparison only: a forward pass without
 autograd; the gradient, HVP and fused triple with ``torch.autograd.grad`` (``create_graph=True``
-double backward) instead of ``torch.func``; a SOBA step with the other fused variant, and one with
-the autograd oracles patched into ``bilevel_ray.oracles`` (checked equal to the library's step).
+double backward, the library's default path) on ``torch.func`` (:func:`bilevel_ray.oracles.torch_func_only`);
+a SOBA step with the other fused variant, and one on the ``torch.func`` path (checked equal to the
+library's step). The summary gives each ``torch.func`` time over the library's.
 
 ``--profile`` adds (about 2 minutes) a ``torch.profiler`` breakdown of the main oracles per problem:
 wall time vs time inside ATen ops (the difference is Python / torch.func dispatch), time, count and
 FLOPs of the matrix products (the compute), and the number of ATen ops. Intra-op threads:
 ``--threads`` (default 2, the machine's cores), set once with ``torch.set_num_threads`` up front.
 
-    .venv/bin/python benchmarks/oracles.py [--repeats 7] [--threads 2] [--batch 256] [--profile]
+    .venv/bin/python benchmarks/oracles.py [--repeats 7] [--threads 2] [--batch 256] [--problems repr wd conv] [--profile]
 """
 
 from __future__ import annotations
@@ -41,14 +47,17 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from torch.utils._pytree import tree_leaves
+import numpy as np
+from torch.utils._pytree import tree_leaves, tree_map
 
 from bilevel_ray import algorithms, oracles
+from bilevel_ray.allocator import tune_allocator
 from bilevel_ray.problem import FiniteSampler, check_problem
 
 Params = dict[str, torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
 SIZES = (128, 256, 256, 10)
+#: goals of the MLP problems (on ``conv`` a SOBA step's f batch holds 5× the drawings of g's)
 GOALS = {"hvp": 2.5, "soba_step": 4.5}
 
 
@@ -117,43 +126,12 @@ class MLPBilevel:
         return {"log_wd": torch.full((last + 1,), math.log(1e-4))}, p
 
 
-# -- torch.autograd prototypes (comparison only; same signatures and pytrees as bilevel_ray.oracles) ---
-def _leaves(p: Params, grad: bool) -> Params:
-    return {k: t.detach().requires_grad_(grad) for k, t in p.items()}
-
-
-def _grads(out: Any, wrt: Params, grad_outputs: Any = None, create_graph: bool = False) -> Params:
-    gs = torch.autograd.grad(out, list(wrt.values()), grad_outputs, create_graph=create_graph,
-                             allow_unused=True)
-    return {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(wrt.items(), gs)}
-
-
-def _split(both: dict[tuple[str, str], torch.Tensor], x: Params, y: Params) -> tuple[Params, Params]:
-    return {k: both["x", k] for k in x}, {k: both["y", k] for k in y}
-
-
-def _joint(x: Params, y: Params) -> dict[tuple[str, str], torch.Tensor]:
-    return {**{("x", k): t for k, t in x.items()}, **{("y", k): t for k, t in y.items()}}
-
-
-def ag_grad_xy(fn: Callable, x: Params, y: Params, batch: Batch) -> tuple[Params, Params]:
-    x, y = _leaves(x, True), _leaves(y, True)
-    return _split(_grads(fn(x, y, batch), _joint(x, y)), x, y)
-
-
-def ag_hvp(fn: Callable, x: Params, y: Params, v: Params, batch: Batch) -> Params:
-    """``create_graph=True`` double backward, ``x`` not tracked."""
-    x, y = _leaves(x, False), _leaves(y, True)
-    gy = _grads(fn(x, y, batch), y, create_graph=True)
-    return _grads(list(gy.values()), y, list(v.values()))
-
-
-def ag_fused(fn: Callable, x: Params, y: Params, v: Params, batch: Batch) -> tuple[Params, Params, Params]:
-    """``(∇_y g, ∇²_xy g·v, ∇²_yy g·v)``: one backward with ``create_graph=True``, one double backward."""
-    x, y = _leaves(x, True), _leaves(y, True)
-    gy = _grads(fn(x, y, batch), y, create_graph=True)
-    jv, hv = _split(_grads(list(gy.values()), _joint(x, y), list(v.values())), x, y)
-    return {k: t.detach() for k, t in gy.items()}, jv, hv
+def func_only(op: Callable[[], Any]) -> Callable[[], Any]:
+    """``op`` with every oracle on its ``torch.func`` path (:func:`bilevel_ray.oracles.torch_func_only`)."""
+    def run() -> Any:
+        with oracles.torch_func_only():
+            return op()
+    return run
 
 
 # -- timing ------------------------------------------------------------------------------------------
@@ -176,23 +154,32 @@ def bench(ops: dict[str, Callable[[], Any]], repeats: int, min_block: float) -> 
     return times
 
 
+def conv_problem() -> tuple[Any, Any]:
+    """The few-shot Omniglot task of the DSBO config (width 32) and an inner batch of it."""
+    from bilevel_ray.config import load_config
+
+    task = load_config("configs/omniglot_dsbo_ring4.yaml", ["task.test_split=null"]).task
+    return task, task.inner.sample(np.random.default_rng(0))[1]
+
+
 def run_problem(mode: str, args: argparse.Namespace) -> dict[str, float]:
-    problem = MLPBilevel.create(mode, args.batch)
+    if mode == "conv":
+        problem, batch = conv_problem()
+    else:
+        problem = MLPBilevel.create(mode, args.batch)
+        batch = problem.inner.batch(0)
     check_problem(problem)
     x, y = problem.init(seed=0)
     gen = torch.Generator().manual_seed(1)
-    v = {k: torch.randn(t.shape, generator=gen) for k, t in y.items()}
-    batch = problem.inner.batch(0)
+    v = tree_map(lambda t: torch.randn(t.shape, generator=gen), y)
     g = problem.g
-    # consistency of the two fused variants with the separate products
+    # consistency of the two fused variants with the separate products, and of the torch.func path
     ref = (oracles.grad_y(g, x, y, batch), oracles.cross(g, x, y, v, batch), oracles.hvp(g, x, y, v, batch))
-    for variant in (oracles.fused_fwd, oracles.fused_rev):
-        for a, b in zip(variant(g, x, y, v, batch), ref):
-            for k in a:
-                torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
-    for a, b in zip((*ag_fused(g, x, y, v, batch), ag_hvp(g, x, y, v, batch)), (*ref, ref[2])):
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+    func = func_only(lambda: (*oracles.fused_rev(g, x, y, v, batch), oracles.hvp(g, x, y, v, batch)))()
+    for got, want in ((oracles.fused_fwd(g, x, y, v, batch), ref), (oracles.fused_rev(g, x, y, v, batch), ref),
+                      (func, (*ref, ref[2]))):
+        for a, b in zip(tree_leaves(got), tree_leaves(want)):  # float32: relative to each tensor's norm
+            assert float((a - b).norm()) <= 1e-3 * float(b.norm()) + 1e-6, float((a - b).norm() / b.norm())
 
     soba = algorithms.make("soba", inner_lr=0.01, outer_lr=0.001, schedule="constant")
     state = soba.init(problem, x, y, seed=0)
@@ -217,9 +204,9 @@ def run_problem(mode: str, args: argparse.Namespace) -> dict[str, float]:
                     setattr(oracles, name, fn)
         return op
 
-    # a step with autograd oracles must equal the library's step
-    patched, library = soba_with(fused=ag_fused, grad_xy=ag_grad_xy)(), soba.step(state, problem)
-    for a, b in zip(tree_leaves(patched[:3]), tree_leaves(library[:3])):
+    # a step with torch.func oracles must equal the library's (autograd) step
+    func_step = func_only(lambda: soba.step(state, problem))
+    for a, b in zip(tree_leaves(func_step()[:3]), tree_leaves(soba.step(state, problem)[:3])):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
 
     ops: dict[str, Callable[[], Any]] = {
@@ -230,23 +217,23 @@ def run_problem(mode: str, args: argparse.Namespace) -> dict[str, float]:
         "fused_rev": lambda: oracles.fused_rev(g, x, y, v, batch),
         "soba_step": lambda: soba.step(state, problem),
         f"soba_step[{other_name}]*": soba_with(fused=other),
-        "soba_step[autograd]*": soba_with(fused=ag_fused, grad_xy=ag_grad_xy),
+        "soba_step[torch.func]*": func_step,
         "forward no-grad*": lambda: _no_grad(g, x, y, batch),
-        "autograd grad_xy*": lambda: ag_grad_xy(g, x, y, batch),
-        "autograd hvp*": lambda: ag_hvp(g, x, y, v, batch),
-        "autograd fused*": lambda: ag_fused(g, x, y, v, batch),
+        "torch.func grad_xy*": func_only(lambda: oracles.grad_xy(g, x, y, batch)),
+        "torch.func hvp*": func_only(lambda: oracles.hvp(g, x, y, v, batch)),
+        "torch.func fused_rev*": func_only(lambda: oracles.fused_rev(g, x, y, v, batch)),
     }
     times = bench(ops, args.repeats, args.min_block)
     base = times["grad_xy"]
-    dims = sum(t.numel() for t in x.values()), sum(t.numel() for t in y.values())
-    print(f"\n[{mode}] dim x = {dims[0]:,}, dim y = {dims[1]:,}, batch {args.batch}, "
+    dims = sum(t.numel() for t in tree_leaves(x)), sum(t.numel() for t in tree_leaves(y))
+    print(f"\n[{mode}] dim x = {dims[0]:,}, dim y = {dims[1]:,}, batch {'2 × 30' if mode == 'conv' else args.batch}, "
           f"oracles.fused = {lib_name}, {args.repeats} repeats")
     print(f"{'operation':26}{'median ms':>10}{'min ms':>9}{'/ grad_xy':>11}{'goal':>7}")
     ratios = {}
     for name, ts in times.items():
         ratio = statistics.median(t / b for t, b in zip(ts, base))
         ratios[name] = ratio
-        goal = GOALS.get(name)
+        goal = GOALS.get(name) if mode != "conv" else None  # conv: f's batch is 5× g's, see the docstring
         mark = "" if goal is None else (f"≤{goal}" + (" ok" if ratio <= goal else " MISS"))
         print(f"{name:26}{1e3 * statistics.median(ts):10.3f}{1e3 * min(ts):9.3f}{ratio:11.2f}  {mark}")
     if args.profile:
@@ -254,8 +241,8 @@ def run_problem(mode: str, args: argparse.Namespace) -> dict[str, float]:
     return ratios
 
 
-PROFILED = ("grad_xy", "hvp", "cross", "fused_rev", "fused_fwd", "autograd grad_xy*", "autograd hvp*",
-            "autograd fused*")
+PROFILED = ("grad_xy", "hvp", "cross", "fused_rev", "fused_fwd", "torch.func grad_xy*", "torch.func hvp*",
+            "torch.func fused_rev*")
 MATMUL = {"aten::mm", "aten::addmm", "aten::bmm"}  # the kernels (not the aten::linear/matmul wrappers)
 
 
@@ -312,21 +299,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--min-block", type=float, default=0.2, help="seconds per timed block")
-    parser.add_argument("--problems", nargs="+", default=["repr", "wd"], choices=["repr", "wd"])
+    parser.add_argument("--problems", nargs="+", default=["repr", "wd", "conv"], choices=["repr", "wd", "conv"])
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)  # torch.func jvp
     torch.set_num_threads(args.threads)
+    tune_allocator()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), float32, CPU")
     results = {mode: run_problem(mode, args) for mode in args.problems}
     print("\nsummary (median over repeats of op time / grad_xy time in the same repeat)")
-    print(f"{'problem':9}{'hvp':>7}{'soba':>7}{'fused_fwd':>11}{'fused_rev':>11}{'autograd hvp/grad':>19}"
-          "  faster fused")
+    print(f"{'problem':9}{'hvp':>7}{'soba':>7}{'fused_fwd':>11}{'fused_rev':>11}   torch.func / library: "
+          f"{'grad':>6}{'hvp':>6}{'fused':>7}{'soba':>6}  faster fused")
     for mode, r in results.items():
         faster = "fused_rev" if r["fused_rev"] < r["fused_fwd"] else "fused_fwd"
-        ag = r["autograd hvp*"] / r["autograd grad_xy*"]
-        print(f"{mode:9}{r['hvp']:7.2f}{r['soba_step']:7.2f}{r['fused_fwd']:11.2f}{r['fused_rev']:11.2f}{ag:19.2f}"
-              f"  {faster}")
+        slow = [r[f"torch.func {op}*"] / r[op] for op in ("grad_xy", "hvp", "fused_rev")]
+        slow.append(r["soba_step[torch.func]*"] / r["soba_step"])
+        print(f"{mode:9}{r['hvp']:7.2f}{r['soba_step']:7.2f}{r['fused_fwd']:11.2f}{r['fused_rev']:11.2f}"
+              f"{'':24}{slow[0]:6.2f}{slow[1]:6.2f}{slow[2]:7.2f}{slow[3]:6.2f}  {faster}")
     votes = ["fused_rev" if r["fused_rev"] < r["fused_fwd"] else "fused_fwd" for r in results.values()]
     print(f"goals: hvp/grad ≤ {GOALS['hvp']}, soba/grad ≤ {GOALS['soba_step']}; "
           f"faster fused on every problem: {votes[0] if len(set(votes)) == 1 else 'mixed: ' + ', '.join(votes)}")
