@@ -15,7 +15,7 @@ Every method trains on randomly warped drawings (:class:`~bilevel_ray.tasks.visi
   ``configs/omniglot_bome.yaml``): backbone ``x``, class-head table ``y`` (every drawing scored against
   every training class, ``softmax: all``); new tasks fit a ridge head.
 * DSBO: the task's episodic prototype form (class centres as ``y``, a step's lower and upper level on the
-  same 30-way tasks, raw embeddings, Adam outer step), 4 agents on a ring, each on its own alphabets,
+  same 60-way task, raw embeddings, Adam outer step), 4 agents on a ring, each on its own alphabets,
   vectorized simulation (``configs/omniglot_dsbo_ring4.yaml``); the agents' average backbone is tested,
   classifying by its support prototypes.
 * MAML: second-order MAML (1 inner step, zero-initialised head: any number of ways), the meta-batch's

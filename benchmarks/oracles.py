@@ -10,8 +10,8 @@ Two problems on synthetic Gaussian data (10 classes from a random teacher), floa
 
 and ``conv``, the few-shot Omniglot task of ``configs/omniglot_dsbo_ring4.yaml`` (real drawings from
 ``../shared/data/omniglot``; ``x`` = Conv-4 backbone of width 32 with group norm, ``y`` = a class
-centre per training class, ``g`` on a meta-batch of 2 tasks × 30 classes × 1 drawing; ``--batch``
-does not apply).
+centre per training class, ``g`` on one meta-batch of the config's tasks, 1 drawing per class,
+``f`` on 5 per class; ``--batch`` does not apply).
 
 For each problem, in one run, every operation is timed round-robin (so that the noise of a shared
 machine hits all of them alike): after a warm-up, each repeat times a block of calls lasting ≥
@@ -165,9 +165,10 @@ def conv_problem() -> tuple[Any, Any]:
 def run_problem(mode: str, args: argparse.Namespace) -> dict[str, float]:
     if mode == "conv":
         problem, batch = conv_problem()
+        batch_label = f"{problem.meta_batch} × {problem.ways}"
     else:
         problem = MLPBilevel.create(mode, args.batch)
-        batch = problem.inner.batch(0)
+        batch, batch_label = problem.inner.batch(0), str(args.batch)
     check_problem(problem)
     x, y = problem.init(seed=0)
     gen = torch.Generator().manual_seed(1)
@@ -226,7 +227,7 @@ def run_problem(mode: str, args: argparse.Namespace) -> dict[str, float]:
     times = bench(ops, args.repeats, args.min_block)
     base = times["grad_xy"]
     dims = sum(t.numel() for t in tree_leaves(x)), sum(t.numel() for t in tree_leaves(y))
-    print(f"\n[{mode}] dim x = {dims[0]:,}, dim y = {dims[1]:,}, batch {'2 × 30' if mode == 'conv' else args.batch}, "
+    print(f"\n[{mode}] dim x = {dims[0]:,}, dim y = {dims[1]:,}, batch {batch_label}, "
           f"oracles.fused = {lib_name}, {args.repeats} repeats")
     print(f"{'operation':26}{'median ms':>10}{'min ms':>9}{'/ grad_xy':>11}{'goal':>7}")
     ratios = {}

@@ -34,6 +34,8 @@ __all__ = ["Objective", "grad_xy", "grad_x", "grad_y", "hvp", "cross", "fused", 
            "hessian_yy", "value_and_grad_xy", "torch_func_only"]
 
 _func_only = False
+#: the active torch.func transform (None outside any); without it every oracle takes the torch.func path
+_peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
 
 
 @contextmanager
@@ -50,7 +52,7 @@ def torch_func_only() -> Iterator[None]:
 def _eager(*trees: PyTree) -> bool:
     """Whether plain autograd may compute the oracle: no ``torch.func`` transform is active and no
     input is part of an autograd graph (detaching it would cut that graph)."""
-    return (not _func_only and torch._C._functorch.peek_interpreter_stack() is None
+    return (not _func_only and _peek is not None and _peek() is None
             and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(trees)))
 
 
