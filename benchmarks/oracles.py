@@ -19,14 +19,14 @@ machine hits all of them alike): after a warm-up, each repeat times a block of c
 the time relative to ``grad_xy`` measured in the same repeat. Operations: ``grad_xy`` (∇_x g, ∇_y g),
 ``hvp`` (∇²_yy g·v), ``cross`` (∇²_xy g·v), ``fused_fwd``/``fused_rev`` (∇_y g and both products) and
 one SOBA step (``algorithms.make("soba")``, always from the same state, with the library's
-``oracles.fused``). Rows marked ``*`` are prototypes timed for comparison only: a forward pass without
-autograd; the gradient, HVP and fused triple with ``torch.autograd.grad`` (``create_graph=True``
-double backward, the library's default path) on ``torch.func`` (:func:`bilevel_ray.oracles.torch_func_only`);
-a SOBA step with the other fused variant, and one on the ``torch.func`` path (checked equal to the
-library's step). The summary gives each ``torch.func`` time over the library's.
+``oracles.fused``). Rows marked ``*`` are timed for comparison only: a forward pass without autograd;
+the gradient, HVP and fused triple on the ``torch.func`` path (:func:`bilevel_ray.oracles.torch_func_only`)
+instead of the library's default plain-autograd one (``torch.autograd.grad``, ``create_graph=True``
+double backward); a SOBA step with the other fused variant, and one on the ``torch.func`` path (checked
+equal to the library's step). The summary gives each ``torch.func`` time over the library's.
 
 ``--profile`` adds (about 2 minutes) a ``torch.profiler`` breakdown of the main oracles per problem:
-wall time vs time inside ATen ops (the difference is Python / torch.func dispatch), time, count and
+wall time vs time inside ATen ops (the difference is Python and dispatch overhead), time, count and
 FLOPs of the matrix products (the compute), and the number of ATen ops. Intra-op threads:
 ``--threads`` (default 2, the machine's cores), set once with ``torch.set_num_threads`` up front.
 
@@ -45,9 +45,9 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-import numpy as np
 from torch.utils._pytree import tree_leaves, tree_map
 
 from bilevel_ray import algorithms, oracles
