@@ -1,4 +1,4 @@
-"""First- and second-order oracles of a bilevel problem, built on ``torch.func``.
+"""First- and second-order oracles of a bilevel problem, built on ``torch.autograd`` and ``torch.func``.
 
 Only products are formed, never matrices (except :func:`hessian_yy`, used by MGBiO's eigenvalue
 projection on small ``y``). ``Objective`` is ``(x, y, batch) -> scalar`` on pytrees.
