@@ -106,6 +106,30 @@ def test_adam_outer_step_is_torch_adam_on_the_papers_direction(name):
         A.make(name, beta1=1.0)
 
 
+@pytest.mark.parametrize("outer_opt", ["sgd", "adam"])
+@pytest.mark.parametrize("name", ["soba", "bome", "dsbo", "dsbo_gt", "d_soba"])
+def test_cosine_schedule_is_the_constant_step_at_the_annealed_rate(name, outer_opt):
+    """``schedule: cosine``: step ``t`` from a given state equals the constant-schedule step with outer
+    step ``outer_lr·(1+cos(π t/horizon))/2``; after ``horizon`` steps x (BOME: x and y) moves only by mixing."""
+    task = make_task("quadratic", batch_size=32, **QUAD)
+    hyper = {k: v for k, v in SETTINGS[name][0].items() if k not in ("outer_lr", "schedule")}
+    cosine = A.make(name, outer_lr=0.4, schedule="cosine", horizon=8, outer_opt=outer_opt, **hyper)
+    s = cosine.init(task, *task.init(seed=0), seed=0)
+    for t in range(10):
+        rate = 0.4 * 0.5 * (1 + math.cos(math.pi * min(t / 8, 1)))
+        assert cosine.outer_step_size(t) == pytest.approx(rate, abs=1e-15)
+        nxt = cosine.step(s, task)
+        if t < 8:
+            ref = A.make(name, outer_lr=rate, schedule="constant", outer_opt=outer_opt, **hyper).step(s, task)
+            ours, refs = tree_flatten(nxt)[0], tree_flatten(ref)[0]
+            assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(ours, refs))
+        else:  # a zero step is not a valid outer_lr, so no constant-schedule twin
+            assert torch.equal(nxt.x, s.x) and (name != "bome" or torch.equal(nxt.y, s.y))
+        s = nxt
+    with pytest.raises(ValueError, match=r"^algorithm\.horizon: schedule cosine needs a horizon >= 1"):
+        A.make(name, schedule="cosine")
+
+
 def test_saba_converges_linearly_on_minibatches():
     """Constant steps, 8 minibatches per level: ‖∇h‖² falls by a constant factor per block of steps
     all the way to ≤ 1e-20 (SOBA with the same constant steps stalls at its noise floor)."""

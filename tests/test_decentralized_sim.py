@@ -87,6 +87,36 @@ def test_gossip_brings_agents_to_consensus():
     assert sim.bytes_last_round == 12 * (2 * 4 + 2 * 4 + 3 + 3) * 8
 
 
+@pytest.mark.parametrize("name", ["dsbo", "dsbo_gt", "d_soba"])
+def test_a_local_lower_level_keeps_y_and_z_with_their_agent(name):
+    """``lower_level: local``: from the same gossiped state, a ring round moves every agent's y, z and r
+    exactly as a round without gossip (W = I) does, and x by ``W x − x`` more (without tracking); only x
+    (and the tracker s) are sent. ``shared`` (the paper's) does gossip y."""
+    task = make_task("quadratic", dim_x=3, dim_y=4, n_inner=128, n_outer=128, batch_size=16)
+    hyper = {k: v for k, v in DSBO.items() if name != "d_soba" or k not in ("inner_steps", "linear_steps")}
+    w = np.array([[0.5, 0.25, 0.25], [0.25, 0.5, 0.25], [0.25, 0.25, 0.5]])
+    moved = {}
+    for lower in ("local", "shared"):
+        algo = A.make(name, lower_level=lower, **hyper)
+        sim = SimBackend(algo, make_agents(task, 3, seed=0), lambda t: w, seed=0)
+        for _ in range(3):
+            sim.step()
+        s = sim.state
+        sim.step()
+        gossiped = sim.state
+        alone = algo.step(s, sim.problem, lambda tree: tree)
+        moved[lower] = not torch.equal(gossiped.y, alone.y)
+        if lower == "local":
+            for field in ("y", "z", "r"):
+                assert torch.equal(getattr(gossiped, field), getattr(alone, field)), field
+            if name != "dsbo_gt":  # with tracking the direction mixes too
+                mixed_x = torch.tensordot(torch.tensor(w), s.x, dims=1)
+                assert torch.allclose(gossiped.x - alone.x, mixed_x - s.x, rtol=0, atol=1e-12)
+            # per round over 6 directed edges: x (dim 3), and s (dim 3) with tracking
+            assert sim.bytes_last_round == 6 * 3 * 8 * (2 if name == "dsbo_gt" else 1)
+    assert moved == {"local": False, "shared": True}
+
+
 def test_what_the_stacked_form_cannot_express_is_refused():
     task = make_task("quadratic", dim_x=3, dim_y=4, n_inner=64, n_outer=64)
     with pytest.raises(ValueError, match=r"^decentralized\.backend: the Lanczos solver needs per-agent Krylov"):

@@ -1,8 +1,10 @@
 """Outer step rule shared by SOBA, BOME and DSBO: plain (the papers' rule, ``x ← mix(x) − γ d``) or
-Adam (Kingma & Ba, ICLR 2015) on the outer direction ``d``, ``x ← mix(x) − γ m̂/(√v̂ + ε)``.
+Adam (Kingma & Ba, ICLR 2015) on the outer direction ``d``, ``x ← mix(x) − γ m̂/(√v̂ + ε)``; the
+outer step ``γ_t`` constant, or (``schedule: cosine``) decayed from ``outer_lr`` to 0 along a half cosine
+over ``horizon`` steps (Loshchilov & Hutter 2017).
 
-Adam is a deep-learning practice, not from the bilevel papers; the papers' convergence results cover
-``outer_opt: sgd`` only. Its moments are per agent (each agent preconditions its own direction, as in
+Adam and the cosine decay are deep-learning practice, not from the bilevel papers; the papers'
+convergence results cover ``outer_opt: sgd`` with their own step sizes only. Its moments are per agent (each agent preconditions its own direction, as in
 DADAM, Nazari et al. 2022) and live in the algorithm state, so that runs resume and restart exactly.
 """
 
@@ -14,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from bilevel_ray import tree
-from bilevel_ray.algorithms.base import Hyperparams
+from bilevel_ray.algorithms.base import Hyperparams, cosine_decay
 from bilevel_ray.params import hp
 from bilevel_ray.tree import PyTree
 
@@ -28,18 +30,28 @@ class Moments(NamedTuple):
 
 @dataclass(frozen=True)
 class AdaptiveOuter(Hyperparams):
-    """Hyperparameters of the outer step rule (fields of the algorithms that use it)."""
+    """Hyperparameters of the outer step rule (fields of the algorithms that use it, which each define
+    ``outer_lr``)."""
 
     outer_opt: str = hp("sgd", choices=("sgd", "adam"),
                         doc="outer step rule: sgd (the paper's) or adam (m̂/(√v̂+ε), not from the paper)")
     beta1: float = hp(0.9, low=0, high=1, strict=False, doc="Adam's first-moment decay (outer_opt adam)")
     beta2: float = hp(0.999, low=0, high=1, doc="Adam's second-moment decay (outer_opt adam)")
     eps: float = hp(1e-8, low=0, doc="Adam's ε (outer_opt adam)")
+    schedule: str = hp("constant", choices=("constant", "cosine"),
+                       doc="outer step: constant, or cosine: γ_t = outer_lr·(1+cos(π t/horizon))/2 (not from the paper)")
+    horizon: int = hp(0, low=0, strict=False, doc="steps of the cosine schedule (outer step 0 after them)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.beta1 == 1:
             raise ValueError(f"{self.section}.beta1: must be < 1, got {self.beta1!r}")
+        if self.schedule == "cosine" and self.horizon < 1:
+            raise ValueError(f"{self.section}.horizon: schedule cosine needs a horizon >= 1 (steps), got {self.horizon}")
+
+    def outer_step_size(self, t: int) -> float:
+        """``γ_t``, the outer step of step ``t`` (from 0) under ``schedule``."""
+        return cosine_decay(self.outer_lr, t / self.horizon) if self.schedule == "cosine" else self.outer_lr
 
     def init_moments(self, x: PyTree) -> Moments | tuple:
         """Zero moments shaped like ``x`` for Adam; ``()`` (nothing to keep) for SGD."""

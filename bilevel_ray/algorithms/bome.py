@@ -4,7 +4,7 @@ First order: from the current ``y``, ``T`` gradient steps on ``g(x, ·)`` give `
 value-function gap ``q(x, y) = g(x, y) − g(x, θ_T)`` is pushed down by a dynamic barrier
 ``λ = max(φ − <∇f, ∇q>, 0)/‖∇q‖²`` and ``(x, y) ← (x, y) − ξ(∇f + λ∇q)``. No HVP or JVP, so it works
 when the lower level is not strongly convex. ``outer_opt: adam`` preconditions the joint direction
-``(∇f + λ∇q)`` with Adam (:mod:`._adaptive`).
+``(∇f + λ∇q)`` with Adam; ``schedule: cosine`` anneals ``ξ`` (:mod:`._adaptive`).
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ class BOME(AdaptiveOuter):
         inner = tree.vdot(fx, qx, nb) + tree.vdot(fy, qy, nb)
         lam = torch.clamp(phi - inner, min=0) / q_sq.clamp_min(torch.finfo(q_sq.dtype).tiny)
         (dx, dy), moments = self.precondition((tree.axpy(lam, qx, fx), tree.axpy(lam, qy, fy)), s.moments, s.t)
-        x = tree.axpy(-self.outer_lr, dx, mix(s.x))
-        y = tree.axpy(-self.outer_lr, dy, mix(s.y))
+        xi = self.outer_step_size(s.t)
+        x = tree.axpy(-xi, dx, mix(s.x))
+        y = tree.axpy(-xi, dy, mix(s.y))
         calls = s.calls.add(grad_f=1, grad_g=self.inner_steps + 2)
         return BOMEState(tree.detach(x), tree.detach(y), s.t + 1, s.seed, s.rank, calls, tree.detach(moments))

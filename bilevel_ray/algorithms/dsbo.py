@@ -6,8 +6,14 @@ Agent ``i`` (its own ``f_i``, ``g_i``; ``mix`` = ``Σ_j w_ij (·)_j``), outer st
 ``z ← mix(z) − γ(∇²_yy g_i·z − ∇_y f_i)``; local hypergradient ``u = ∇_x f_i − ∇²_xy g_i·z``; moving
 average ``r ← (1 − τ)r + τu``; ``x ← mix(x) − α r``. With gradient tracking, ``s ← mix(s) + r_new − r_old``
 and ``x`` moves along ``s``. Only HVPs and JVPs. With one agent (``mix`` the identity) DSBO is a
-centralized double-loop method with warm starts. ``outer_opt: adam`` preconditions the outer direction
-with Adam, per agent (:mod:`._adaptive`).
+centralized double-loop method with warm starts.
+
+``lower_level: local`` solves the personalized problem ``min_x (1/n)Σ f_i(x, y_i*(x))``,
+``y_i*(x) = argmin g_i(x, ·)`` (e.g. Lu et al., ICASSP 2022): ``y`` and ``z`` stay with their agent
+(no ``mix``); only ``x`` (and ``s``) are gossiped. It is the form for per-task lower levels such as
+few-shot heads, whose coordinates mean different classes at each agent. ``outer_opt: adam``
+preconditions the outer direction with Adam, per agent; ``schedule: cosine`` anneals ``α``
+(:mod:`._adaptive`).
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ class DSBO(AdaptiveOuter):
     inner_steps: int = hp(5, low=1, strict=False, doc="T")
     linear_steps: int = hp(5, low=1, strict=False, doc="N")
     tau: float = hp(0.5, low=0, high=1, strict=False, doc="τ, weight of the new hypergradient in r")
+    lower_level: str = hp("shared", choices=("shared", "local"),
+                          doc="shared: y* = argmin (1/n)Σg_i, y and z gossiped (the paper's); local: each "
+                              "agent's own y_i* = argmin g_i, y and z not mixed")
 
     tracking = False
 
@@ -56,21 +65,22 @@ class DSBO(AdaptiveOuter):
     def step(self, s: DSBOState, problem: BilevelProblem, mix: Mix = identity_mix) -> DSBOState:
         rng = rng_for(s.seed, s.rank, s.t)
         x, y, z = s.x, s.y, s.z
+        mix_yz = mix if self.lower_level == "shared" else identity_mix
         for _ in range(self.inner_steps):
             _, bi = problem.inner.sample(rng)
-            y = tree.axpy(-self.inner_lr, oracles.grad_y(problem.g, x, y, bi), mix(y))
+            y = tree.axpy(-self.inner_lr, oracles.grad_y(problem.g, x, y, bi), mix_yz(y))
         _, bo = problem.outer.sample(rng)
         fx, fy = oracles.grad_xy(problem.f, x, y, bo)
         for _ in range(self.linear_steps):
             _, bi = problem.inner.sample(rng)
             residual = tree.sub(oracles.hvp(problem.g, x, y, z, bi), fy)
-            z = tree.axpy(-self.linear_lr, residual, mix(z))
+            z = tree.axpy(-self.linear_lr, residual, mix_yz(z))
         _, bi = problem.inner.sample(rng)
         u = tree.sub(fx, oracles.cross(problem.g, x, y, z, bi))
         r = tree.lerp(s.r, u, self.tau)
         direction = tree.add(mix(s.s), tree.sub(r, s.r)) if self.tracking else r
         dx, moments = self.precondition(direction, s.moments, s.t)
-        x = tree.axpy(-self.outer_lr, dx, mix(x))
+        x = tree.axpy(-self.outer_step_size(s.t), dx, mix(x))
         calls = s.calls.add(grad_f=1, grad_g=self.inner_steps, hvp=self.linear_steps, jvp=1)
         return DSBOState(*tree.detach((x, y, z, r, direction)), s.t + 1, s.seed, s.rank, calls,
                          tree.detach(moments))

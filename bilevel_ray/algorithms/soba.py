@@ -16,7 +16,7 @@ from typing import NamedTuple
 from bilevel_ray import oracles, tree
 from bilevel_ray.params import hp
 from bilevel_ray.algorithms._adaptive import AdaptiveOuter, Moments
-from bilevel_ray.algorithms.base import Calls, Mix, cosine_decay, decay, identity_mix, register
+from bilevel_ray.algorithms.base import Calls, Mix, decay, identity_mix, register
 from bilevel_ray.problem import BilevelProblem, rng_for
 from bilevel_ray.tree import PyTree
 
@@ -44,17 +44,11 @@ class SOBA(AdaptiveOuter):
     outer_lr: float = hp(0.01, low=0, doc="γ0, step of x")
     schedule: str = hp("sqrt", choices=SCHEDULES,
                        doc="ρ_t=ρ0/(t+1)^a, γ_t=γ0/(t+1)^b; cosine: ρ0, γ_t=γ0(1+cos(π t/horizon))/2")
-    horizon: int = hp(0, low=0, strict=False, doc="steps of the cosine schedule (γ_t = 0 after them)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.schedule == "cosine" and self.horizon < 1:
-            raise ValueError(f"algorithm.horizon: schedule cosine needs a horizon >= 1 (steps), got {self.horizon}")
 
     def step_sizes(self, t: int) -> tuple[float, float]:
         """``(ρ_t, γ_t)`` of step ``t``."""
         if self.schedule == "cosine":
-            return self.inner_lr, cosine_decay(self.outer_lr, t / self.horizon)
+            return self.inner_lr, self.outer_step_size(t)
         a, b = POWERS[self.schedule]
         return decay(self.inner_lr, t, a), decay(self.outer_lr, t, b)
 
