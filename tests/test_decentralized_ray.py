@@ -84,6 +84,7 @@ def test_transports_on_a_time_varying_graph_follow_the_simulation(ray_cluster, p
     ("bome", dict(outer_lr=0.05, inner_lr=0.3, inner_steps=3)),  # per-agent barrier
     ("aid_cg", dict(outer_lr=0.3, inner_lr=0.3, inner_steps=3, cg_steps=3)),  # per-agent conjugate gradient
     ("saba", dict(outer_lr=0.1, inner_lr=0.3)),  # one SAGA table per agent, shards of unequal sizes
+    ("dsbo", dict(HYPER["dsbo"], lower_level="local")),  # per-agent y and z: only x is gossiped
 ])
 def test_per_agent_reductions_follow_the_same_trajectory_on_ray(ray_cluster, algo_name, hyper):
     """3 agents, one per node of the cluster: 20 rounds, ≤ 1e-6 vs sim."""

@@ -4,8 +4,9 @@ outer step ``γ_t`` constant, or (``schedule: cosine``) decayed from ``outer_lr`
 over ``horizon`` steps (Loshchilov & Hutter 2017).
 
 Adam and the cosine decay are deep-learning practice, not from the bilevel papers; the papers'
-convergence results cover ``outer_opt: sgd`` with their own step sizes only. Its moments are per agent (each agent preconditions its own direction, as in
-DADAM, Nazari et al. 2022) and live in the algorithm state, so that runs resume and restart exactly.
+convergence results cover ``outer_opt: sgd`` with their own step sizes only. Adam's moments are per
+agent (each agent preconditions its own direction, as in DADAM, Nazari et al. 2022) and live in the
+algorithm state, so that runs resume and restart exactly.
 """
 
 from __future__ import annotations
