@@ -487,7 +487,7 @@ def test_prototype_rows_solve_to_the_class_centres_and_score_by_distance(omniglo
         assert torch.allclose(shift, shift[:, :1].expand_as(shift), atol=1e-10)
 
 
-def test_paired_tasks_give_both_levels_a_steps_classes():
+def test_paired_tasks_give_both_levels_a_steps_classes(omniglot):
     """``paired=True``: every draw from one step's generator, lower or upper level, whatever was drawn before,
     has the same tasks (classes), with the support and the query drawings of each; other steps differ."""
     kw = dict(width=2, ways=5, meta_batch=3, shots=1, queries=2, rotations=4, test_split=None, head="prototype")
