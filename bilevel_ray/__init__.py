@@ -19,6 +19,7 @@ _LAZY = {
     "oracles": "bilevel_ray.oracles",
     "tasks": "bilevel_ray.tasks",
     "tree": "bilevel_ray.tree",
+    "tune_allocator": "bilevel_ray.allocator",
 }
 
 __all__ = sorted(_LAZY)

@@ -328,6 +328,9 @@ def test_maml_batching_is_validated(pool12):
 
 
 def test_tune_allocator(monkeypatch):
+    import bilevel_ray
+
+    assert bilevel_ray.tune_allocator is tune_allocator  # the name the README documents
     monkeypatch.setenv("BILEVEL_RAY_ALLOCATOR", "default")
     assert tune_allocator() is False
     monkeypatch.delenv("BILEVEL_RAY_ALLOCATOR")
