@@ -37,6 +37,7 @@ setting, then that with 15 queries per class. The whole process runs with
     .venv/bin/python benchmarks/omniglot.py [--budget 4] [--tasks 600] [--methods soba bome dsbo maml protonet ridge]
                                             [--width 32] [--threads 2] [--speed-iters 10 (0: no speed test)]
                                             [--support-warps 8 (0: none)] [--save DIR] [--quick]
+                                            [--set KEY=VALUE ... (SOBA/BOME/DSBO config)] [--steps N]
 """
 
 from __future__ import annotations
@@ -75,12 +76,15 @@ LABELS = {"soba": "SOBA (hyper-repr.)", "bome": "BOME (hyper-repr.)", "dsbo": "D
           "maml": "MAML (2nd order)", "protonet": "ProtoNet", "ridge": "ridge heads (R2-D2)"}
 
 
-def train_bilevel(name: str, width: int, budget_s: float) -> tuple[Any, int]:
-    cfg = load_config(CONFIGS[name], [f"task.width={width}", "task.test_split=null"])
+def train_bilevel(name: str, width: int, budget_s: float, overrides: list[str] = (),
+                  max_steps: int = 0) -> tuple[Any, int]:
+    """Train ``name``'s config (``overrides``: ``section.key=value``, as on the CLI) for ``budget_s`` seconds,
+    or for exactly ``max_steps`` steps when that is positive."""
+    cfg = load_config(CONFIGS[name], [f"task.width={width}", "task.test_split=null", *overrides])
     backend = make_backend(cfg.task, cfg.algorithm, cfg.decentralized, seed=cfg.run.seed)
     start, steps = time.perf_counter(), 0
     try:
-        while time.perf_counter() - start < budget_s:
+        while (steps < max_steps) if max_steps > 0 else (time.perf_counter() - start < budget_s):
             backend.step()
             steps += 1
         states = backend.states()
@@ -186,7 +190,18 @@ def main() -> None:
                         "to N warped copies of each support drawing (magnitude 1; 0: skip)")
     parser.add_argument("--save", metavar="DIR", help="save each trained learner as DIR/<method>.pt (for bilevel-ray eval)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 0.2 min, 50 tasks, 3 iterations")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for SOBA, "
+                        "BOME and DSBO (e.g. algorithm.schedule=cosine algorithm.horizon=1100)")
+    parser.add_argument("--steps", type=int, default=0, help="train SOBA, BOME and DSBO for exactly this many "
+                        "steps instead of --budget minutes (0: the budget); the time taken is printed")
     args = parser.parse_args()
+    if args.set and not set(args.methods) & set(CONFIGS):
+        parser.error(f"--set applies to {', '.join(CONFIGS)}; none of them is in --methods")
+    for name in set(args.methods) & set(CONFIGS):  # a bad override fails now, not after an hour of training
+        try:
+            load_config(CONFIGS[name], [f"task.width={args.width}", "task.test_split=null", *args.set])
+        except ValueError as e:
+            parser.error(f"--set: {e}")
     if args.quick:
         args.budget, args.tasks, args.speed_iters = 0.2, 50, 3
     torch.set_num_threads(args.threads)
@@ -209,7 +224,10 @@ def main() -> None:
     for name in args.methods:
         budget_s = 60 * args.budget
         if name in CONFIGS:
-            learner, steps = train_bilevel(name, args.width, budget_s)
+            start = time.perf_counter()
+            learner, steps = train_bilevel(name, args.width, budget_s, args.set, args.steps)
+            print(f"{LABELS[name]}: {steps} steps in {(time.perf_counter() - start) / 60:.1f} min"
+                  + (f" ({' '.join(args.set)})" if args.set else ""), flush=True)
         else:
             learner, steps = train_episodic(name, pool, args.width, budget_s)
         if args.save:
