@@ -76,11 +76,13 @@ LABELS = {"soba": "SOBA (hyper-repr.)", "bome": "BOME (hyper-repr.)", "dsbo": "D
           "maml": "MAML (2nd order)", "protonet": "ProtoNet", "ridge": "ridge heads (R2-D2)"}
 
 
-def train_bilevel(name: str, width: int, budget_s: float, overrides: list[str] = (),
-                  max_steps: int = 0) -> tuple[Any, int]:
-    """Train ``name``'s config (``overrides``: ``section.key=value``, as on the CLI) for ``budget_s`` seconds,
-    or for exactly ``max_steps`` steps when that is positive."""
-    cfg = load_config(CONFIGS[name], [f"task.width={width}", "task.test_split=null", *overrides])
+def bilevel_config(name: str, width: int, overrides: list[str]) -> Any:
+    """``name``'s config at ``width``, training only, with ``overrides`` (``section.key=value``, as on the CLI)."""
+    return load_config(CONFIGS[name], [f"task.width={width}", "task.test_split=null", *overrides])
+
+
+def train_bilevel(cfg: Any, budget_s: float, max_steps: int = 0) -> tuple[Any, int]:
+    """Train a bilevel config for ``budget_s`` seconds, or for exactly ``max_steps`` steps when that is positive."""
     backend = make_backend(cfg.task, cfg.algorithm, cfg.decentralized, seed=cfg.run.seed)
     start, steps = time.perf_counter(), 0
     try:
@@ -195,11 +197,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="train SOBA, BOME and DSBO for exactly this many "
                         "steps instead of --budget minutes (0: the budget); the time taken is printed")
     args = parser.parse_args()
-    if args.set and not set(args.methods) & set(CONFIGS):
-        parser.error(f"--set applies to {', '.join(CONFIGS)}; none of them is in --methods")
-    for name in set(args.methods) & set(CONFIGS):  # a bad override fails now, not after an hour of training
+    if (args.set or args.steps) and not set(args.methods) & set(CONFIGS):
+        parser.error(f"--set and --steps apply to {', '.join(CONFIGS)}; none of them is in --methods")
+    configs = {}  # loaded before any training, so that a bad override fails now, not after an hour
+    for name in [m for m in args.methods if m in CONFIGS]:
         try:
-            load_config(CONFIGS[name], [f"task.width={args.width}", "task.test_split=null", *args.set])
+            configs[name] = bilevel_config(name, args.width, args.set)
         except ValueError as e:
             parser.error(f"--set: {e}")
     if args.quick:
@@ -212,7 +215,8 @@ def main() -> None:
     test = ClassPool(unseen.images, unseen.labels)
     print(f"train: {len(train.classes)} characters of {', '.join(train.alphabets)} (x4 rotations); "
           f"test: {len(unseen.classes)} characters of {', '.join(unseen.alphabets)}")
-    print(f"budget {args.budget:g} min per method, {args.tasks} test tasks per setting, Conv-4 width "
+    length = f"{args.steps} steps per bilevel method, " if args.steps else ""
+    print(f"{length}budget {args.budget:g} min per method, {args.tasks} test tasks per setting, Conv-4 width "
           f"{args.width}, {args.threads} threads\n")
 
     print(f"allocator: {'heap kept (bilevel_ray.tune_allocator)' if tuned else 'glibc default'}")
@@ -225,7 +229,7 @@ def main() -> None:
         budget_s = 60 * args.budget
         if name in CONFIGS:
             start = time.perf_counter()
-            learner, steps = train_bilevel(name, args.width, budget_s, args.set, args.steps)
+            learner, steps = train_bilevel(configs[name], budget_s, args.steps)
             print(f"{LABELS[name]}: {steps} steps in {(time.perf_counter() - start) / 60:.1f} min"
                   + (f" ({' '.join(args.set)})" if args.set else ""), flush=True)
         else:
