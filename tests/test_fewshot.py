@@ -510,6 +510,34 @@ def test_paired_tasks_give_both_levels_a_steps_classes(omniglot):
     assert not torch.equal(independent.inner.sample(rng)[1].classes, independent.outer.sample(rng)[1].classes)
 
 
+
+def test_fixed_support_makes_a_dsbo_step_differentiate_one_episode(omniglot):
+    """``fixed_support=True``: a step's lower-level draws are one support batch (drawings and warps), so
+    one DSBO step from ``y = 0`` (lower and linear steps of 1, τ = 1) returns the exact gradient of its
+    episode's prototypical loss ``CE(−‖φ(q) − mean φ(S_k)‖²/2)``, against autograd in float64."""
+    kw = dict(width=3, ways=4, meta_batch=2, shots=2, queries=2, rotations=4, test_split=None, head="prototype",
+              paired=True, softmax="task", temperature=0.0, augment=0.5, dtype="float64")
+    with pytest.raises(ValueError, match=r"^task\.fixed_support: needs task\.paired: true"):
+        make_task("omniglot", **{**kw, "paired": False}, fixed_support=True)
+    task = make_task("omniglot", fixed_support=True, **kw)
+    rng = rng_for(0, 0, 0)
+    support, again, query = task.inner.sample(rng)[1], task.inner.sample(rng)[1], task.outer.sample(rng)[1]
+    assert torch.equal(support.support, again.support) and torch.equal(support.classes, query.classes)
+    assert not torch.equal(task.inner.sample(rng_for(0, 0, 1))[1].support, support.support)
+    algo = A.make("dsbo", outer_lr=0.1, inner_lr=1.0, linear_lr=1.0, inner_steps=1, linear_steps=1, tau=1.0)
+    x, y = task.init(seed=0)
+    u = algo.step(algo.init(task, x, y, seed=0, rank=0), task).r  # τ = 1: r is the step's hypergradient
+    leaves = {k: v.clone().requires_grad_(True) for k, v in x.items()}
+    loss = 0.0
+    for b in range(kw["meta_batch"]):
+        fs = embed(leaves, support.support[b].double())
+        protos = torch.stack([fs[support.support_labels[b] == k].mean(0) for k in range(kw["ways"])])
+        logits = -0.5 * torch.cdist(embed(leaves, query.support[b].double()), protos) ** 2
+        loss = loss + torch.nn.functional.cross_entropy(logits, query.support_labels[b]) / kw["meta_batch"]
+    for k, r in zip(leaves, torch.autograd.grad(loss, list(leaves.values()))):
+        assert torch.allclose(u[k], r, atol=1e-10, rtol=1e-7), k
+    assert float(tree.flatten(u).abs().max()) > 1e-4
+
 # -- the few-shot API ---------------------------------------------------------------------------------
 
 def test_save_load_adapt_predict_round_trip(omniglot, tmp_path):

@@ -45,6 +45,8 @@ __all__ = ["OmniglotTask", "HEADS"]
 
 #: spawn key of the generator that picks a step's classes with ``paired`` tasks
 PAIRED_KEY = 0x5EED
+#: spawn key of the generator of a step's support drawings and warps with ``fixed_support``
+FIXED_KEY = 0x5EEE
 
 #: what a row of ``y`` is: a linear class head ``[w_c, b_c]``, or a class centre ``c`` (prototype)
 HEADS = ("linear", "prototype")
@@ -69,6 +71,10 @@ class OmniglotTask(Task):
     paired: bool = hp(False, doc="a step's lower- and upper-level minibatches are the same tasks (support and "
                                  "query drawings of the same classes, as in episodic meta-learning); false: "
                                  "independent draws")
+    fixed_support: bool = hp(False, doc="with paired: every lower-level draw of a step (lower steps, linear system, "
+                                        "cross-derivative) is the same support batch, drawings and warps, so one step "
+                                        "differentiates one episode, as prototypical networks do; false: fresh "
+                                        "drawings of the step's classes each time")
     softmax: str = hp("task", choices=("task", "all"),
                       doc="classes a drawing is scored against: its task's ways, or every training class")
     head: str = hp("linear", choices=HEADS,
@@ -94,7 +100,10 @@ class OmniglotTask(Task):
             raise ValueError(f"task.support_drawings: {err}") from None
         object.__setattr__(self, "data", train)
         object.__setattr__(self, "num_classes", pool.num_classes)
-        object.__setattr__(self, "inner", self._sampler(inner, self.shots, "shots"))
+        if self.fixed_support and not self.paired:
+            raise ValueError("task.fixed_support: needs task.paired: true (the same support batch for a step's "
+                             "lower-level draws pairs them with its query tasks)")
+        object.__setattr__(self, "inner", self._sampler(inner, self.shots, "shots", fixed=self.fixed_support))
         object.__setattr__(self, "outer", self._sampler(outer, self.queries, "queries"))
         test = None
         if self.test_split is not None:
@@ -102,10 +111,10 @@ class OmniglotTask(Task):
             test = EpisodeSampler(ClassPool(data.images, data.labels), self.eval_ways, self.eval_shots, 15)
         object.__setattr__(self, "test", test)
 
-    def _sampler(self, pool: ClassPool, shots: int, name: str, classes: np.ndarray | None = None) -> "_TaskSampler":
+    def _sampler(self, pool: ClassPool, shots: int, name: str, *, fixed: bool = False) -> "_TaskSampler":
         try:
             sampler = EpisodeSampler(pool, self.ways, shots, 0, self.meta_batch, augment=RandomAffine(self.augment))
-            return _TaskSampler(sampler, classes, self.seed, self.paired)
+            return _TaskSampler(sampler, None, self.seed, self.paired, fixed)
         except ValueError as err:
             raise ValueError(str(err).replace("task.shots", f"task.{name}")) from None
 
@@ -178,7 +187,7 @@ class OmniglotTask(Task):
             if len(mine) < self.ways:
                 raise ValueError(f"decentralized.agents: agent {i} gets {len(mine)} classes, fewer than task.ways="
                                  f"{self.ways}; use fewer agents or fewer ways")
-            out.append((_TaskSampler(self.inner.sampler, mine, self.seed + i, self.paired),
+            out.append((_TaskSampler(self.inner.sampler, mine, self.seed + i, self.paired, self.fixed_support),
                         _TaskSampler(self.outer.sampler, mine, self.seed + i, self.paired)))
         return out
 
@@ -207,12 +216,14 @@ class _TaskSampler:
     """An :class:`EpisodeSampler` restricted to ``classes`` (all when ``None``), as a problem sampler;
     ``full()`` is a fixed set of 4 meta-batches (for metrics and full-batch methods). ``paired``: the
     classes come from a generator derived from the seed of ``rng`` (not from its draws so far), so every
-    draw from one step's generator, lower or upper level, has the same tasks."""
+    draw from one step's generator, lower or upper level, has the same tasks; ``fixed``: so do the
+    drawings and warps (every draw from one step's generator is the same batch)."""
 
     sampler: EpisodeSampler
     classes: np.ndarray | None
     seed: int
     paired: bool = False
+    fixed: bool = False
 
     num_batches = None
 
@@ -224,6 +235,8 @@ class _TaskSampler:
         if self.paired:
             seq = rng.bit_generator.seed_seq
             class_rng = np.random.default_rng(np.random.SeedSequence(seq.entropy, spawn_key=(*seq.spawn_key, PAIRED_KEY)))
+            if self.fixed:
+                rng = np.random.default_rng(np.random.SeedSequence(seq.entropy, spawn_key=(*seq.spawn_key, FIXED_KEY)))
         return self.sampler.episodes(rng, b, among=self.classes, class_rng=class_rng)
 
     def full(self) -> Any:
