@@ -510,7 +510,6 @@ def test_paired_tasks_give_both_levels_a_steps_classes(omniglot):
     assert not torch.equal(independent.inner.sample(rng)[1].classes, independent.outer.sample(rng)[1].classes)
 
 
-
 def test_fixed_support_makes_a_dsbo_step_differentiate_one_episode(omniglot):
     """``fixed_support=True``: a step's lower-level draws are one support batch (drawings and warps), so
     one DSBO step from ``y = 0`` (lower and linear steps of 1, τ = 1) returns the exact gradient of its
@@ -537,6 +536,7 @@ def test_fixed_support_makes_a_dsbo_step_differentiate_one_episode(omniglot):
     for k, r in zip(leaves, torch.autograd.grad(loss, list(leaves.values()))):
         assert torch.allclose(u[k], r, atol=1e-10, rtol=1e-7), k
     assert float(tree.flatten(u).abs().max()) > 1e-4
+
 
 # -- the few-shot API ---------------------------------------------------------------------------------
 
