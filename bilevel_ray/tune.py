@@ -271,9 +271,11 @@ def make_tuner(sweep: Sweep, *, path: Path, resume: bool = False, verbose: int =
                                     reuse_actors=True),
         run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=verbose,
                                   failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-                                  # PBT exploits other trials' recent checkpoints: keep a few more
+                                  # PBT restores an exploiting trial from the checkpoint its donor had when
+                                  # the exploit was decided, which the donor may have pruned by the time the
+                                  # trial restarts (a failed restore, no exploit): under PBT keep them all
                                   checkpoint_config=tune.CheckpointConfig(
-                                      num_to_keep=4 if settings.scheduler == "pbt" else 2)))
+                                      num_to_keep=None if settings.scheduler == "pbt" else 2)))
 
 
 def validate(raw: Any, *, num_samples: int | None = None) -> Sweep:

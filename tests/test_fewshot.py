@@ -510,12 +510,14 @@ def test_paired_tasks_give_both_levels_a_steps_classes(omniglot):
     assert not torch.equal(independent.inner.sample(rng)[1].classes, independent.outer.sample(rng)[1].classes)
 
 
-def test_fixed_support_makes_a_dsbo_step_differentiate_one_episode(omniglot):
+@pytest.mark.parametrize("scale", [0.5, 1.0])
+def test_fixed_support_makes_a_dsbo_step_differentiate_one_episode(omniglot, scale):
     """``fixed_support=True``: a step's lower-level draws are one support batch (drawings and warps), so
     one DSBO step from ``y = 0`` (lower and linear steps of 1, τ = 1) returns the exact gradient of its
-    episode's prototypical loss ``CE(−‖φ(q) − mean φ(S_k)‖²/2)``, against autograd in float64."""
+    episode's prototypical loss ``CE(−s‖φ(q) − mean φ(S_k)‖²)`` (``s = distance_scale``), against autograd
+    in float64."""
     kw = dict(width=3, ways=4, meta_batch=2, shots=2, queries=2, rotations=4, test_split=None, head="prototype",
-              paired=True, softmax="task", temperature=0.0, augment=0.5, dtype="float64")
+              paired=True, softmax="task", temperature=0.0, augment=0.5, dtype="float64", distance_scale=scale)
     with pytest.raises(ValueError, match=r"^task\.fixed_support: needs task\.paired: true"):
         make_task("omniglot", **{**kw, "paired": False}, fixed_support=True)
     task = make_task("omniglot", fixed_support=True, **kw)
@@ -531,7 +533,7 @@ def test_fixed_support_makes_a_dsbo_step_differentiate_one_episode(omniglot):
     for b in range(kw["meta_batch"]):
         fs = embed(leaves, support.support[b].double())
         protos = torch.stack([fs[support.support_labels[b] == k].mean(0) for k in range(kw["ways"])])
-        logits = -0.5 * torch.cdist(embed(leaves, query.support[b].double()), protos) ** 2
+        logits = -scale * torch.cdist(embed(leaves, query.support[b].double()), protos) ** 2
         loss = loss + torch.nn.functional.cross_entropy(logits, query.support_labels[b]) / kw["meta_batch"]
     for k, r in zip(leaves, torch.autograd.grad(loss, list(leaves.values()))):
         assert torch.allclose(u[k], r, atol=1e-10, rtol=1e-7), k

@@ -79,7 +79,10 @@ class OmniglotTask(Task):
                       doc="classes a drawing is scored against: its task's ways, or every training class")
     head: str = hp("linear", choices=HEADS,
                    doc="rows of y: linear heads (lower level: support CE), or class centres (lower level: "
-                       "squared distance to the support features; logits -||phi - y_c||^2/2)")
+                       "squared distance to the support features; logits -s||phi - y_c||^2, s = distance_scale)")
+    distance_scale: float = hp(0.5, low=0,
+                               doc="prototype head: logits are -distance_scale * squared distance to the centres "
+                                   "(0.5: the centres' quadratic form; 1: prototypical networks' logits)")
     reg: float = hp(1e-3, low=0, doc="ridge weight of the heads (strong convexity)")
     temperature: float = hp(10.0, low=0, strict=False, doc="features are L2-normalised and scaled by this (0: raw features)")
     head_steps: int = hp(50, low=0, strict=False,
@@ -128,11 +131,12 @@ class OmniglotTask(Task):
     def _logits(self, x: dict[str, torch.Tensor], y: torch.Tensor, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits of the batch's images and their targets: ``(B·n, ways)`` under their tasks' rows of ``y``
         with ``softmax="task"``, ``(B·n, classes)`` under every row with ``"all"``. A prototype row ``c``
-        scores ``φ·c − ‖c‖²/2``, which is ``−‖φ − c‖²/2`` up to a per-drawing constant (the softmax's)."""
+        scores ``2s(φ·c − ‖c‖²/2)``, which is ``−s‖φ − c‖²`` (``s = distance_scale``) up to a per-drawing
+        constant (the softmax's)."""
         feats, classes = self._features(x, batch, y.dtype), batch.classes
         b, n, _ = feats.shape
         if self.head == "prototype":
-            y = torch.cat([y, -0.5 * (y * y).sum(1, keepdim=True)], 1)
+            y = 2 * self.distance_scale * torch.cat([y, -0.5 * (y * y).sum(1, keepdim=True)], 1)
         if self.softmax == "all":
             return (F.linear(feats.reshape(b * n, -1), y[:, :-1], y[:, -1]),
                     torch.gather(classes, 1, batch.support_labels).reshape(-1))
