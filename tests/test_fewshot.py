@@ -540,6 +540,30 @@ def test_fixed_support_makes_a_dsbo_step_differentiate_one_episode(omniglot, sca
     assert float(tree.flatten(u).abs().max()) > 1e-4
 
 
+def test_a_prototype_head_learner_scores_new_tasks_with_its_training_logits(omniglot):
+    """The learner of a ``head="prototype"`` task classifies a new task by its support prototypes, with
+    logits ``−s‖φ(q) − c_k‖²`` (``s = distance_scale``): the training task's logits at centres placed on
+    the support means, up to the softmax's per-drawing constant (float64)."""
+    _, unseen = omniglot
+    kw = dict(width=3, ways=4, meta_batch=2, shots=2, queries=2, rotations=1, test_split=None, head="prototype",
+              paired=True, softmax="task", temperature=0.0, dtype="float64", distance_scale=0.7)
+    task = make_task("omniglot", **kw)
+    x, _ = task.init(seed=0)
+    learner = task.learner(x, None)
+    ep = EpisodeSampler(ClassPool(unseen.images, unseen.labels), 4, 2, 3).episodes(np.random.default_rng(0))
+    ep = ep._replace(support=ep.support.double(), query=ep.query.double())
+    got = learner.episode_logits(ep.support, ep.support_labels, ep.query, 4)[0]
+    fs, fq = embed(x, ep.support[0]), embed(x, ep.query[0])
+    protos = torch.stack([fs[ep.support_labels[0] == k].mean(0) for k in range(4)])
+    assert torch.allclose(got, -0.7 * torch.cdist(fq, protos) ** 2, atol=1e-10)
+    assert torch.allclose(learner.adapt(ep.support[0], ep.support_labels[0])(ep.query[0]).logits, got, atol=1e-10)
+    # the task's own logits for the same drawings, the centres on the support means: the same softmax
+    batch = ep._replace(support=ep.query[:1], support_labels=ep.query_labels[:1], classes=torch.arange(4)[None])
+    train_logits, _ = task._logits(x, protos, batch)
+    assert torch.allclose(torch.log_softmax(train_logits, 1), torch.log_softmax(got, 1), atol=1e-10)
+    assert float(got.std()) > 1e-3
+
+
 # -- the few-shot API ---------------------------------------------------------------------------------
 
 def test_save_load_adapt_predict_round_trip(omniglot, tmp_path):

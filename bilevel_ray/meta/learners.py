@@ -295,6 +295,9 @@ def task_logits(kind: str, theta: Params, hyper: dict[str, Any], support, suppor
         return _ridge_scores(theta, embed(theta, support), support_labels, embed(theta, query), ways)
     if kind == "hyperrep":
         tau = hyper["temperature"]
+        if "distance_scale" in hyper:
+            return hyper["distance_scale"] * _proto_scores(features(theta, support, tau), support_labels,
+                                                           features(theta, query, tau), ways)
         w = fit_head(features(theta, support, tau), support_labels, ways=ways, reg=hyper["reg"], steps=hyper["head_steps"])
         return head_logits(w, features(theta, query, tau))
     raise ValueError(f"kind: must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -324,6 +327,8 @@ def episode_task_logits(kind: str, theta: Params, hyper: dict[str, Any], support
         return _proto_scores(feats[:, :n], support_labels, feats[:, n:], ways)
     if kind == "ridge":
         return _ridge_scores(theta, feats[:, :n], support_labels, feats[:, n:], ways)
+    if "distance_scale" in hyper:  # a prototype-head hyper-representation: its training logits
+        return hyper["distance_scale"] * _proto_scores(feats[:, :n], support_labels, feats[:, n:], ways)
     fit = lambda f, sl: fit_head(f, sl, ways=ways, reg=hyper["reg"], steps=hyper["head_steps"])  # noqa: E731
     return vmap(lambda f, sl, q: head_logits(fit(f, sl), q))(feats[:, :n], support_labels, feats[:, n:])
 

@@ -196,12 +196,15 @@ class OmniglotTask(Task):
         return out
 
     def learner(self, x: dict[str, torch.Tensor], y: torch.Tensor) -> Any:
-        """The few-shot learner of backbone ``x``: new tasks get a head fitted on their support set."""
+        """The few-shot learner of backbone ``x``: new tasks get a head fitted on their support set, or with
+        ``head="prototype"`` their support prototypes, scored as in training (``−s‖φ − c‖²``)."""
         from bilevel_ray.meta.fewshot import FewShotLearner
 
-        return FewShotLearner("hyperrep", {k: v.detach() for k, v in x.items()},
-                              {"reg": self.reg, "head_steps": self.head_steps if self.head == "linear" else 0, "temperature": self.temperature,
-                               "train_split": self.train_split, "size": int(self.data.images.shape[-1])})
+        hyper = {"reg": self.reg, "head_steps": self.head_steps if self.head == "linear" else 0,
+                 "temperature": self.temperature, "train_split": self.train_split, "size": int(self.data.images.shape[-1])}
+        if self.head == "prototype":  # classify by support prototypes, with the training logits' scale
+            hyper["distance_scale"] = self.distance_scale
+        return FewShotLearner("hyperrep", {k: v.detach() for k, v in x.items()}, hyper)
 
     def metrics(self, x: dict[str, torch.Tensor], y: torch.Tensor) -> dict[str, float]:
         with torch.no_grad():  # one forward pass for both (f is the cross-entropy of these logits)
