@@ -36,7 +36,7 @@ setting, then that with 15 queries per class. The whole process runs with
 
     .venv/bin/python benchmarks/omniglot.py [--budget 4] [--tasks 600] [--methods soba bome dsbo maml protonet ridge]
                                             [--width 32] [--threads 2] [--speed-iters 10 (0: no speed test)]
-                                            [--support-warps 8 (0: none)] [--save DIR] [--quick]
+                                            [--support-warps 8 (0: none)] [--train-acc] [--save DIR] [--quick]
                                             [--set KEY=VALUE ... (SOBA/BOME/DSBO config)] [--steps N]
 """
 
@@ -190,6 +190,8 @@ def main() -> None:
                         "of the speed test (0: skip it)")
     parser.add_argument("--support-warps", type=int, default=8, metavar="N", help="also test each learner adapting "
                         "to N warped copies of each support drawing (magnitude 1; 0: skip)")
+    parser.add_argument("--train-acc", action="store_true", help="also test each learner (as trained) on 5-way and "
+                        "20-way 1-shot tasks of its own training characters (unrotated, unwarped): the generalization gap")
     parser.add_argument("--save", metavar="DIR", help="save each trained learner as DIR/<method>.pt (for bilevel-ray eval)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 0.2 min, 50 tasks, 3 iterations")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for SOBA, "
@@ -213,6 +215,7 @@ def main() -> None:
     unseen = load_omniglot("images_background_small2").select(exclude=train.alphabets)
     pool = ClassPool(train.images, train.labels, rotations=4)
     test = ClassPool(unseen.images, unseen.labels)
+    seen = ClassPool(train.images, train.labels)
     print(f"train: {len(train.classes)} characters of {', '.join(train.alphabets)} (x4 rotations); "
           f"test: {len(unseen.classes)} characters of {', '.join(unseen.alphabets)}")
     length = f"{args.steps} steps per bilevel method, " if args.steps else ""
@@ -248,6 +251,14 @@ def main() -> None:
                 cells.append(f"{100 * mean:.1f} ± {100 * half:.1f}")
             rows.append(f"| {label} | {steps} | {' | '.join(cells)} |")
             print(rows[-1], flush=True)
+        if args.train_acc:
+            gap = []
+            for ways in (5, 20):
+                acc = [evaluate(learner, EpisodeSampler(pool_, ways, 1, 15), tasks=args.tasks, seed=0)[0]
+                       for pool_ in (seen, test)]
+                gap.append(f"{ways}-way 1-shot {100 * acc[0]:.1f} on training characters, {100 * acc[1]:.1f} "
+                           f"on unseen alphabets (gap {100 * (acc[0] - acc[1]):.1f})")
+            print(f"{LABELS[name]}: " + "; ".join(gap), flush=True)
     print("\n" + "\n".join(rows))
 
 
