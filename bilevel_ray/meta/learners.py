@@ -274,6 +274,17 @@ def _ridge_scores(theta: Params, support_feats, labels, query_feats, ways: int) 
     return theta["ridge.log_scale"].exp() * head_logits(w, query_feats)
 
 
+def _hyperrep_scores(hyper: dict[str, Any], support_feats: torch.Tensor, labels: torch.Tensor,
+                     query_feats: torch.Tensor, ways: int) -> torch.Tensor:
+    """A hyper-representation learner's query logits for one task's features: a head fitted on the support
+    (:func:`fit_head`, ``head_steps`` steps), or for a prototype-head learner (``distance_scale`` in
+    ``hyper``) its training logits ``−s‖f(q) − c_k‖²`` to the support prototypes."""
+    if "distance_scale" in hyper:
+        return hyper["distance_scale"] * _proto_scores(support_feats, labels, query_feats, ways)
+    w = fit_head(support_feats, labels, ways=ways, reg=hyper["reg"], steps=hyper["head_steps"])
+    return head_logits(w, query_feats)
+
+
 def head_logits(w: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
     """``[f, 1] wᵀ`` for heads ``(..., ways, d+1)`` and features ``(..., n, d)``."""
     return feats @ w[..., :-1].mT + w[..., None, :, -1]
@@ -295,11 +306,7 @@ def task_logits(kind: str, theta: Params, hyper: dict[str, Any], support, suppor
         return _ridge_scores(theta, embed(theta, support), support_labels, embed(theta, query), ways)
     if kind == "hyperrep":
         tau = hyper["temperature"]
-        if "distance_scale" in hyper:
-            return hyper["distance_scale"] * _proto_scores(features(theta, support, tau), support_labels,
-                                                           features(theta, query, tau), ways)
-        w = fit_head(features(theta, support, tau), support_labels, ways=ways, reg=hyper["reg"], steps=hyper["head_steps"])
-        return head_logits(w, features(theta, query, tau))
+        return _hyperrep_scores(hyper, features(theta, support, tau), support_labels, features(theta, query, tau), ways)
     raise ValueError(f"kind: must be one of {', '.join(KINDS)}, got {kind!r}")
 
 
@@ -327,10 +334,7 @@ def episode_task_logits(kind: str, theta: Params, hyper: dict[str, Any], support
         return _proto_scores(feats[:, :n], support_labels, feats[:, n:], ways)
     if kind == "ridge":
         return _ridge_scores(theta, feats[:, :n], support_labels, feats[:, n:], ways)
-    if "distance_scale" in hyper:  # a prototype-head hyper-representation: its training logits
-        return hyper["distance_scale"] * _proto_scores(feats[:, :n], support_labels, feats[:, n:], ways)
-    fit = lambda f, sl: fit_head(f, sl, ways=ways, reg=hyper["reg"], steps=hyper["head_steps"])  # noqa: E731
-    return vmap(lambda f, sl, q: head_logits(fit(f, sl), q))(feats[:, :n], support_labels, feats[:, n:])
+    return vmap(partial(_hyperrep_scores, hyper, ways=ways))(feats[:, :n], support_labels, feats[:, n:])
 
 
 def meta_loss_and_grad(kind: str, theta: Params, hyper: dict[str, Any], episode: Any) -> tuple[torch.Tensor, Params]:

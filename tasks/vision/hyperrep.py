@@ -20,8 +20,8 @@ on the test split's unseen alphabets. Decentralized agents each take their own a
 With ``head="prototype"`` a row of ``y`` is a class centre ``c`` (prototypical networks' metric, Snell
 et al. 2017, with persistent centres): ``g`` is, per class of the batch, half the mean squared distance
 of its row to its support features (plus the ridge term), minimised by the class's mean support
-feature, and ``f`` scores a query drawing by ``−s‖φ − c‖²`` (``s = distance_scale``, ½ by default). A new task's lower level is then solved
-exactly by its support features' class means, which is how its learner classifies (no head fitting).
+feature, and ``f`` scores a query drawing by ``−s‖φ − c‖²`` (``s = distance_scale``, ½ by default).
+A new task's lower level is then solved exactly by its support features' class means, which is how its learner classifies (no head fitting).
 """
 
 from __future__ import annotations
@@ -200,10 +200,10 @@ class OmniglotTask(Task):
         ``head="prototype"`` their support prototypes, scored as in training (``−s‖φ − c‖²``)."""
         from bilevel_ray.meta.fewshot import FewShotLearner
 
-        hyper = {"reg": self.reg, "head_steps": self.head_steps if self.head == "linear" else 0,
-                 "temperature": self.temperature, "train_split": self.train_split, "size": int(self.data.images.shape[-1])}
-        if self.head == "prototype":  # classify by support prototypes, with the training logits' scale
-            hyper["distance_scale"] = self.distance_scale
+        head = ({"reg": self.reg, "head_steps": self.head_steps} if self.head == "linear"
+                else {"distance_scale": self.distance_scale})  # prototypes, scored with the training logits' scale
+        hyper = {**head, "temperature": self.temperature, "train_split": self.train_split,
+                 "size": int(self.data.images.shape[-1])}
         return FewShotLearner("hyperrep", {k: v.detach() for k, v in x.items()}, hyper)
 
     def metrics(self, x: dict[str, torch.Tensor], y: torch.Tensor) -> dict[str, float]:
