@@ -21,7 +21,8 @@ With ``head="prototype"`` a row of ``y`` is a class centre ``c`` (prototypical n
 et al. 2017, with persistent centres): ``g`` is, per class of the batch, half the mean squared distance
 of its row to its support features (plus the ridge term), minimised by the class's mean support
 feature, and ``f`` scores a query drawing by ``−s‖φ − c‖²`` (``s = distance_scale``, ½ by default).
-A new task's lower level is then solved exactly by its support features' class means, which is how its learner classifies (no head fitting).
+A new task's lower level is then solved exactly by its support features' class means, which is how its
+learner classifies (no head fitting).
 """
 
 from __future__ import annotations
