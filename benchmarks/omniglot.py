@@ -247,9 +247,11 @@ def main() -> None:
         for label, tested in variants:
             cells = []
             for ways, shots in SETTINGS:
-                mean, half, _ = evaluate(tested, EpisodeSampler(test, ways, shots, 15), tasks=args.tasks, seed=0)
+                mean, half, _, constant = evaluate(tested, EpisodeSampler(test, ways, shots, 15), tasks=args.tasks,
+                                                   seed=0)
                 unseen_acc.setdefault((ways, shots), mean)
-                cells.append(f"{100 * mean:.1f} ± {100 * half:.1f}")
+                cells.append(f"{100 * mean:.1f} ± {100 * half:.1f}"
+                             + (f" (one label for every query on {constant:.0%} of tasks)" if constant else ""))
             rows.append(f"| {label} | {steps} | {' | '.join(cells)} |")
             print(rows[-1], flush=True)
         if args.train_acc:

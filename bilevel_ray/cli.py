@@ -158,7 +158,7 @@ def _eval_fewshot(args: argparse.Namespace) -> int:
         if trained_on and not args.all_alphabets:
             data = data.select(exclude=load_omniglot(trained_on, root=args.root, size=learner.size).alphabets)
         sampler = EpisodeSampler(ClassPool(data.images, data.labels), args.ways, args.shots, args.queries)
-        mean, half, _ = evaluate(learner, sampler, tasks=args.tasks, seed=args.seed)
+        mean, half, _, constant = evaluate(learner, sampler, tasks=args.tasks, seed=args.seed)
     except (ValueError, FileNotFoundError) as e:
         return _error(str(e).replace("task.", "--").replace("support_warp_magnitude", "--warp-magnitude")
                       .replace("support_warps", "--support-warps"), 2)
@@ -167,6 +167,9 @@ def _eval_fewshot(args: argparse.Namespace) -> int:
     warps = f", support + {copies} warped copies" if copies else ""
     print(f"{learner.kind}{warps}: {args.ways}-way {args.shots}-shot accuracy on {args.split} ({which}, "
           f"{len(data.classes)} characters), {args.tasks} tasks: {mean:.4f} ± {half:.4f} (95% interval)")
+    if constant:
+        print(f"warning: on {round(constant * args.tasks)} of {args.tasks} tasks the learner gave every query the "
+              "same label" + (" (collapsed)" if constant == 1 else ""))
     return 0
 
 

@@ -635,9 +635,9 @@ def test_trained_learner_beats_the_untrained_one_and_eval_cli_reports_a_ci(omnig
     test = EpisodeSampler(ClassPool(unseen.images, unseen.labels), 5, 1, 5)
     untrained = FewShotLearner("protonet", init_backbone(width=8, seed=0), {"size": 28})
     learner = meta_train("protonet", sampler, steps=40, width=8, meta_lr=3e-3, train_split=SMALL1)
-    before, _, _ = evaluate(untrained, test, tasks=200)
-    after, half, accs = evaluate(learner, test, tasks=200)
-    assert len(accs) == 200 and 0 < half < 0.05
+    before = evaluate(untrained, test, tasks=200).mean
+    after, half, accs, constant = evaluate(learner, test, tasks=200)
+    assert len(accs) == 200 and 0 < half < 0.05 and constant == 0
     assert after > before + 0.05, (before, after)
     learner.save(tmp_path / "learner.pt")
     out = subprocess.run([sys.executable, "-m", "bilevel_ray.cli", "eval", str(tmp_path / "learner.pt"),
@@ -660,6 +660,23 @@ def test_trained_learner_beats_the_untrained_one_and_eval_cli_reports_a_ci(omnig
     assert worse.returncode == 2 and "--warp-magnitude: must be a number in [0, 2]" in worse.stderr
 
 
+def test_a_collapsed_learner_is_reported_as_one(omniglot, tmp_path):
+    """A learner whose features are all zero gives every query the same label: evaluate() counts those
+    tasks (chance accuracy with a zero interval is otherwise all one sees) and the eval CLI warns."""
+    _, unseen = omniglot
+    test = EpisodeSampler(ClassPool(unseen.images, unseen.labels), 5, 1, 3)
+    collapsed = FewShotLearner("protonet", {k: torch.zeros_like(v) for k, v in init_backbone(width=4).items()},
+                               {"size": 28})
+    mean, half, _, constant = evaluate(collapsed, test, tasks=20)
+    assert abs(mean - 0.2) < 1e-12 and half < 1e-12 and constant == 1.0
+    assert evaluate(FewShotLearner("protonet", init_backbone(width=4), {"size": 28}), test, tasks=20).constant == 0
+    collapsed.save(tmp_path / "collapsed.pt")
+    out = subprocess.run([sys.executable, "-m", "bilevel_ray.cli", "eval", str(tmp_path / "collapsed.pt"),
+                          "--tasks", "20"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "warning: on 20 of 20 tasks the learner gave every query the same label (collapsed)" in out.stdout
+
+
 def test_ridge_learner_trains_learns_its_scale_and_reg_and_round_trips(omniglot, tmp_path):
     """meta_train("ridge") improves held-out accuracy over its untrained start, moves the meta-learned
     logit scale and ridge weight, and the saved learner predicts the same after load()."""
@@ -671,8 +688,8 @@ def test_ridge_learner_trains_learns_its_scale_and_reg_and_round_trips(omniglot,
     learner = meta_train("ridge", sampler, steps=40, width=8, meta_lr=3e-3, hyper=hyper, train_split=SMALL1)
     assert abs(float(learner.params["ridge.log_scale"]) - np.log(10.0)) > 1e-3
     assert abs(float(learner.params["ridge.log_reg"])) > 1e-3
-    before, _, _ = evaluate(untrained, test, tasks=200)
-    after, _, _ = evaluate(learner, test, tasks=200)
+    before = evaluate(untrained, test, tasks=200).mean
+    after = evaluate(learner, test, tasks=200).mean
     assert after > before + 0.05, (before, after)
     learner.save(tmp_path / "ridge.pt")
     for bad in ({"scale": 0.0}, {"reg": -1.0}):

@@ -24,7 +24,7 @@ from bilevel_ray.files import atomic_write
 from bilevel_ray.meta.learners import KINDS, episode_task_logits
 from bilevel_ray.tasks.vision.augment import RandomAffine, warp
 
-__all__ = ["FORMAT", "Prediction", "FewShotLearner", "load", "evaluate", "mean_ci95"]
+__all__ = ["FORMAT", "Prediction", "FewShotLearner", "load", "Evaluation", "evaluate", "mean_ci95"]
 
 FORMAT = "bilevel-ray-fewshot/1"
 
@@ -32,6 +32,16 @@ FORMAT = "bilevel-ray-fewshot/1"
 class Prediction(NamedTuple):
     labels: torch.Tensor
     logits: torch.Tensor
+
+
+class Evaluation(NamedTuple):
+    """:func:`evaluate`'s result: mean accuracy, the half-width of its 95% interval, the per-task
+    accuracies, and ``constant``, the fraction of tasks on which the learner gave every query the same
+    label (1.0 for a collapsed learner, which scores chance with a zero interval)."""
+    mean: float
+    half: float
+    accs: np.ndarray
+    constant: float
 
 
 def _images(x: Any, size: int, dtype: torch.dtype, name: str) -> torch.Tensor:
@@ -161,20 +171,19 @@ def mean_ci95(values: np.ndarray) -> tuple[float, float]:
 
 
 def evaluate(learner: FewShotLearner, sampler: Any, *, tasks: int = 600, seed: int = 0, chunk: int = 50
-             ) -> tuple[float, float, np.ndarray]:
-    """Accuracy over ``tasks`` episodes of ``sampler`` (drawn from ``seed``): mean, 95% half-width and
-    the per-task accuracies."""
+             ) -> Evaluation:
+    """Accuracy over ``tasks`` episodes of ``sampler`` (drawn from ``seed``), as an :class:`Evaluation`."""
     if not (isinstance(tasks, int) and tasks >= 2):
         raise ValueError(f"tasks: must be an integer >= 2, got {tasks!r}")
     rng = np.random.default_rng([seed, 7919])
-    accs = []
+    accs, constant = [], 0
     done = 0
     while done < tasks:
         b = min(chunk, tasks - done)
         ep = sampler.episodes(rng, b)
-        logits = learner.episode_logits(ep.support, ep.support_labels, ep.query, ep.ways)
-        accs.append((logits.argmax(-1) == ep.query_labels).double().mean(1).numpy())
+        labels = learner.episode_logits(ep.support, ep.support_labels, ep.query, ep.ways).argmax(-1)
+        accs.append((labels == ep.query_labels).double().mean(1).numpy())
+        constant += int((labels == labels[:, :1]).all(1).sum())
         done += b
     accs = np.concatenate(accs)
-    mean, half = mean_ci95(accs)
-    return mean, half, accs
+    return Evaluation(*mean_ci95(accs), accs, constant / tasks)
