@@ -68,6 +68,8 @@ class TuneSettings(Params):
     grace_period: int = hp(2, low=1, strict=False, doc="asha: reports before a trial can be stopped")
     reduction_factor: float = hp(2.0, low=1, doc="asha: keep 1 / reduction_factor at each rung")
     perturbation_interval: int = hp(2, low=1, strict=False, doc="pbt: reports between exploit/explore")
+    synch: bool = hp(False, doc="pbt: exploit/explore only once every trial has reached the interval "
+                                "(the exploits then do not depend on which trial ran first; the fastest wait)")
     seed: int = hp(0, low=0, strict=False, doc="seed of random and optuna search (trials use run.seed; "
                                                 "PBT's perturbations draw from Python's global RNG)")
     name: str | None = hp(None, doc="experiment name (default: the config file's stem)")
@@ -251,7 +253,8 @@ def make_tuner(sweep: Sweep, *, path: Path, resume: bool = False, verbose: int =
         if not mutations:
             raise ConfigError("tune.scheduler: pbt needs at least one sampled (not grid or constant) entry")
         scheduler = PopulationBasedTraining(time_attr="training_iteration", hyperparam_mutations=mutations,
-                                            perturbation_interval=settings.perturbation_interval)
+                                            perturbation_interval=settings.perturbation_interval,
+                                            synch=settings.synch)
     if settings.search == "optuna":
         try:
             import optuna
