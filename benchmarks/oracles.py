@@ -52,6 +52,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from bilevel_ray import algorithms, oracles
 from bilevel_ray.allocator import tune_allocator
+from bilevel_ray.denormals import flush_denormals
 from bilevel_ray.problem import FiniteSampler, check_problem
 
 Params = dict[str, torch.Tensor]
@@ -304,6 +305,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)  # torch.func jvp
+    flush_denormals()
     torch.set_num_threads(args.threads)
     tune_allocator()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), float32, CPU")

@@ -15,6 +15,7 @@ _LAZY = {
     "FiniteSampler": "bilevel_ray.problem",
     "Sampler": "bilevel_ray.problem",
     "check_problem": "bilevel_ray.problem",
+    "flush_denormals": "bilevel_ray.denormals",
     "algorithms": "bilevel_ray.algorithms",
     "oracles": "bilevel_ray.oracles",
     "tasks": "bilevel_ray.tasks",

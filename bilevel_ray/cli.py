@@ -34,7 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "list":
             return _list()
         from bilevel_ray.allocator import tune_allocator
+        from bilevel_ray.denormals import flush_denormals
 
+        flush_denormals()
         tune_allocator()
         if args.command == "eval":
             return _eval(args)

@@ -3,6 +3,7 @@ inner problems, each formulation's meta-gradient against dense float64 reference
 and its CLI, and a decentralized run on the session's Ray cluster."""
 
 import dataclasses
+import os
 import platform
 import subprocess
 import sys
@@ -336,6 +337,22 @@ def test_tune_allocator(monkeypatch):
     monkeypatch.delenv("BILEVEL_RAY_ALLOCATOR")
     if sys.platform.startswith("linux") and "glibc" in " ".join(platform.libc_ver()):
         assert tune_allocator() is True
+
+
+@pytest.mark.parametrize("mode", ["flush", "keep"])
+def test_flush_denormals_zeroes_subnormals_on_every_intra_op_thread(mode):
+    """In a fresh process (its intra-op threads not yet started), flush_denormals() makes both threads of
+    an elementwise product return 0 for subnormal inputs; BILEVEL_RAY_DENORMALS=keep leaves them."""
+    code = ("import torch; from bilevel_ray import flush_denormals; on = flush_denormals(); "
+            "torch.set_num_threads(2); x = torch.full((1 << 22,), 1e-39); print(on, int((x * 1.0).ne(0).sum()))")
+    env = {**os.environ, "BILEVEL_RAY_DENORMALS": mode}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    on, nonzero = out.stdout.split()
+    if mode == "keep":
+        assert (on, nonzero) == ("False", str(1 << 22))
+    elif platform.machine().lower() in ("x86_64", "amd64"):
+        assert (on, nonzero) == ("True", "0")
 
 
 def test_imaml_implicit_gradient_matches_the_dense_formula(pool12):
