@@ -3,7 +3,7 @@
 x86 cores take a slow microcode path for every arithmetic operation on a subnormal float32
 (|v| < 1.2e-38). Long runs produce them: with raw (unnormalised) embeddings the distance logits grow,
 ``exp`` of the far classes' logits underflows into the subnormal range, and every backward pass then
-multiplies tensors full of them. Measured in ``benchmarks/omniglot.py`` (README, Results): a SOBA
+multiplies tensors full of them. Measured (README, Results; ``benchmarks/denormals.py``): a SOBA
 step of the episodic prototype configuration slowed from 2.7 to 0.53 steps/s over 5000 steps with
 subnormals kept. :func:`flush_denormals` sets the CPU's flush-to-zero and denormals-are-zero modes.
 """
