@@ -31,9 +31,9 @@ of one network, plain autograd; ``vmap``: ``torch.func`` + ``vmap`` over tasks),
 meta-batches and the same Adam step, after checking that all give the same meta-gradient; steps of the methods
 alternate, so that a slow spell of a shared machine hits all alike. Settings: learn2learn's own
 MAML Omniglot example (width 64, 32 tasks, 1 query per class), then this benchmark's MAML training
-setting, then that with 15 queries per class. The whole process runs with
-:func:`bilevel_ray.allocator.tune_allocator` (``BILEVEL_RAY_ALLOCATOR=default`` to compare without) and
-:func:`bilevel_ray.denormals.flush_denormals` (``BILEVEL_RAY_DENORMALS=keep``).
+setting, then that with 15 queries per class. The whole process runs under
+:func:`bilevel_ray.runtime.tune_process`: glibc's heap kept (``BILEVEL_RAY_ALLOCATOR=default`` to compare
+without) and subnormal floats flushed to zero (``BILEVEL_RAY_DENORMALS=keep``).
 
     .venv/bin/python benchmarks/omniglot.py [--budget 4] [--tasks 600] [--methods soba bome dsbo maml protonet ridge]
                                             [--width 32] [--threads 2] [--speed-iters 10 (0: no speed test)]
@@ -52,13 +52,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bilevel_ray.allocator import tune_allocator
-from bilevel_ray.denormals import flush_denormals
 from bilevel_ray.config import load_config
 from bilevel_ray.decentralized.backends import average, make_backend
 from bilevel_ray.meta import evaluate
 from bilevel_ray.meta.learners import meta_loss_and_grad
 from bilevel_ray.meta.train import meta_train
+from bilevel_ray.runtime import tune_process
 from bilevel_ray.tasks.vision.augment import RandomAffine
 from bilevel_ray.tasks.vision.backbone import ConvNet, init_backbone
 from bilevel_ray.tasks.vision.episodes import ClassPool, EpisodeSampler
@@ -201,7 +200,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="train SOBA, BOME and DSBO for exactly this many "
                         "steps instead of --budget minutes (0: the budget); the time taken is printed")
     args = parser.parse_args()
-    flushed = flush_denormals()  # first, so that torch's intra-op threads start with it
+    flushed, tuned = tune_process(args.threads)  # first: torch's intra-op threads start flushing subnormals
     if (args.set or args.steps) and not set(args.methods) & set(CONFIGS):
         parser.error(f"--set and --steps apply to {', '.join(CONFIGS)}; none of them is in --methods")
     configs = {}  # loaded before any training, so that a bad override fails now, not after an hour
@@ -212,8 +211,6 @@ def main() -> None:
             parser.error(f"--set: {e}")
     if args.quick:
         args.budget, args.tasks, args.speed_iters = 0.2, 50, 3
-    torch.set_num_threads(args.threads)
-    tuned = tune_allocator()
     train = load_omniglot("images_background_small1")
     unseen = load_omniglot("images_background_small2").select(exclude=train.alphabets)
     pool = ClassPool(train.images, train.labels, rotations=4)
@@ -224,8 +221,8 @@ def main() -> None:
     print(f"{length}budget {args.budget:g} min per method, {args.tasks} test tasks per setting, Conv-4 width "
           f"{args.width}, {args.threads} threads\n")
 
-    print(f"allocator: {'heap kept (bilevel_ray.tune_allocator)' if tuned else 'glibc default'}; subnormal floats: "
-          f"{'flushed to zero (bilevel_ray.flush_denormals)' if flushed else 'kept'}")
+    print(f"allocator: {'heap kept (bilevel_ray.tune_process)' if tuned else 'glibc default'}; subnormal floats: "
+          f"{'flushed to zero (bilevel_ray.tune_process)' if flushed else 'kept'}")
     if args.speed_iters > 0:
         speed_test(pool, args.speed_iters)
 

@@ -28,7 +28,8 @@ equal to the library's step). The summary gives each ``torch.func`` time over th
 ``--profile`` adds (about 2 minutes) a ``torch.profiler`` breakdown of the main oracles per problem:
 wall time vs time inside ATen ops (the difference is Python and dispatch overhead), time, count and
 FLOPs of the matrix products (the compute), and the number of ATen ops. Intra-op threads:
-``--threads`` (default 2, the machine's cores), set once with ``torch.set_num_threads`` up front.
+``--threads`` (default 2, the machine's cores), set once up front by
+:func:`bilevel_ray.runtime.tune_process`, which also flushes subnormals and keeps the heap.
 
     .venv/bin/python benchmarks/oracles.py [--repeats 7] [--threads 2] [--batch 256] [--problems repr wd conv] [--profile]
 """
@@ -51,9 +52,8 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves, tree_map
 
 from bilevel_ray import algorithms, oracles
-from bilevel_ray.allocator import tune_allocator
-from bilevel_ray.denormals import flush_denormals
 from bilevel_ray.problem import FiniteSampler, check_problem
+from bilevel_ray.runtime import tune_process
 
 Params = dict[str, torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -305,9 +305,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)  # torch.func jvp
-    flush_denormals()
-    torch.set_num_threads(args.threads)
-    tune_allocator()
+    tune_process(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), float32, CPU")
     results = {mode: run_problem(mode, args) for mode in args.problems}
     print("\nsummary (median over repeats of op time / grad_xy time in the same repeat)")

@@ -21,6 +21,7 @@ _LAZY = {
     "tasks": "bilevel_ray.tasks",
     "tree": "bilevel_ray.tree",
     "tune_allocator": "bilevel_ray.allocator",
+    "tune_process": "bilevel_ray.runtime",
 }
 
 __all__ = sorted(_LAZY)

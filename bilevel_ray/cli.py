@@ -33,11 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "list":
             return _list()
-        from bilevel_ray.allocator import tune_allocator
-        from bilevel_ray.denormals import flush_denormals
+        from bilevel_ray.runtime import tune_process
 
-        flush_denormals()
-        tune_allocator()
+        tune_process()
         if args.command == "eval":
             return _eval(args)
         address = [f"decentralized.address={args.address}"] if args.address else []

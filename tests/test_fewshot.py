@@ -355,6 +355,28 @@ def test_flush_denormals_zeroes_subnormals_on_every_intra_op_thread(mode):
         assert (on, nonzero) == ("True", "0")
 
 
+def test_tune_process_flushes_before_it_starts_threads_and_keeps_the_heap():
+    """tune_process(2) in a fresh process: both intra-op threads flush subnormals (the mode was set before
+    the thread count), torch runs 2 threads, and glibc's heap is kept; a bad thread count names the field."""
+    code = ("import torch; from bilevel_ray import tune_process; t = tune_process(2); "
+            "x = torch.full((1 << 22,), 1e-39); print(t.flushed, t.heap_kept, torch.get_num_threads(), "
+            "int((x * 1.0).ne(0).sum()))")
+    env = {k: v for k, v in os.environ.items() if k not in ("BILEVEL_RAY_DENORMALS", "BILEVEL_RAY_ALLOCATOR")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    flushed, kept, threads, nonzero = out.stdout.split()
+    assert threads == "2"
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert (flushed, nonzero) == ("True", "0")
+    if sys.platform.startswith("linux") and "glibc" in " ".join(platform.libc_ver()):
+        assert kept == "True"
+    from bilevel_ray import tune_process
+
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="threads: must be a positive integer or None"):
+            tune_process(bad)
+
+
 def test_imaml_implicit_gradient_matches_the_dense_formula(pool12):
     """λ P^T (H + λI)⁻¹ ∇L_query(y*), H the dense support Hessian at the inner solution (float64)."""
     theta = init_backbone(width=2, depth=2, seed=4, dtype=torch.float64)

@@ -22,12 +22,11 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from bilevel_ray.allocator import tune_allocator
-from bilevel_ray.denormals import flush_denormals
 from bilevel_ray.decentralized.backends import AgentFailure
 from bilevel_ray.decentralized.data import AgentProblem
 from bilevel_ray.decentralized.transport import Transport, shm_dir
 from bilevel_ray.problem import bind, bind_at
+from bilevel_ray.runtime import tune_process
 from bilevel_ray.tree import PyTree
 
 __all__ = ["RayBackend", "AgentWorker"]
@@ -39,9 +38,7 @@ class AgentWorker:
     def __init__(self, algo: Any, problem: AgentProblem, rank: int, n: int,
                  mixing_at: Callable[[int], np.ndarray], seed: int, *, name: str, transport: str = "auto",
                  torch_threads: int = 1):
-        flush_denormals()  # before set_num_threads, so that the intra-op threads start with it
-        torch.set_num_threads(torch_threads)
-        tune_allocator()
+        tune_process(torch_threads)
         self.algo, self.problem, self.rank, self.n = algo, problem, rank, n
         self.mixing_at = mixing_at
         x, y = problem.init(seed=seed)
