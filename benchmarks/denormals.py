@@ -1,8 +1,8 @@
 """Steps per second of a long SOBA run with subnormal floats kept and flushed to zero, in one process.
 
-SOBA on the episodic prototype form of few-shot Omniglot (``configs/omniglot_dsbo_ring4.yaml``'s task:
-class centres as the lower level, raw embeddings, 60-way 1-shot, 5 queries, one task a step; Adam on
-the outer step) at width 64, one thread. Two copies of the same run (same config and seed) advance in
+SOBA's config (``configs/omniglot_soba.yaml``: the episodic prototype form of few-shot Omniglot, class
+centres as the lower level, raw embeddings, 60-way 1-shot, 5 queries, one task a step; Adam on the
+outer step, held constant) at width 64, one thread. Two copies of the same run (same config and seed) advance in
 alternating blocks of ``--block`` steps, one with the CPU's flush-to-zero modes set
 (:func:`bilevel_ray.flush_denormals`), one without (the mode is the main thread's, and one thread does
 all the work), so that a slow spell of a shared machine hits both alike. Subnormals appear only after
@@ -26,12 +26,6 @@ from omniglot import bilevel_config  # noqa: E402
 from bilevel_ray.allocator import tune_allocator  # noqa: E402
 from bilevel_ray.decentralized.backends import make_backend  # noqa: E402
 
-#: SOBA on the DSBO config's episodic prototype task (one process)
-OVERRIDES = ["task.head=prototype", "task.paired=true", "task.fixed_support=true", "task.softmax=task",
-             "task.ways=60", "task.queries=5", "task.meta_batch=1", "task.temperature=0", "task.augment=1.0",
-             "algorithm.outer_opt=adam", "algorithm.outer_lr=0.002", "algorithm.inner_lr=1.0",
-             "algorithm.schedule=constant"]
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -43,7 +37,7 @@ def main() -> None:
     tune_allocator()
     if not torch.set_flush_denormal(True):
         sys.exit("this CPU has no flush-to-zero mode: nothing to compare")
-    cfg = bilevel_config("soba", args.width, OVERRIDES)
+    cfg = bilevel_config("soba", args.width, [])
     runs = {mode: make_backend(cfg.task, cfg.algorithm, cfg.decentralized, seed=cfg.run.seed)
             for mode in ("flushed", "kept")}
     print(f"SOBA, episodic prototype task, width {args.width}, 1 thread; steps/s per block of {args.block}")

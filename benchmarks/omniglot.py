@@ -11,9 +11,13 @@ plus ``--support-warps`` warped copies, :meth:`~bilevel_ray.meta.FewShotLearner.
 Every method trains on randomly warped drawings (:class:`~bilevel_ray.tasks.vision.augment.RandomAffine`:
 ``task.augment`` in the configs, ``AUGMENT`` for the episodic baselines); test tasks are never warped.
 
-* SOBA, BOME: the hyper-representation bilevel task (``configs/omniglot_soba.yaml``,
-  ``configs/omniglot_bome.yaml``): backbone ``x``, class-head table ``y`` (every drawing scored against
-  every training class, ``softmax: all``); new tasks fit a ridge head.
+* SOBA: the task's episodic prototype form (``configs/omniglot_soba.yaml``: backbone ``x``, one persistent
+  centre per training class as ``y``, a step's lower and upper level on the same 60-way task, raw
+  embeddings, Adam outer step), one process; new tasks are classified by their support prototypes.
+* BOME: the hyper-representation bilevel task with linear class heads (``configs/omniglot_bome.yaml``:
+  backbone ``x``, class-head table ``y``, every drawing scored against every training class,
+  ``softmax: all``); new tasks fit a ridge head. (On the prototype form BOME's joint step moves the
+  centres by the outer step size only, and it collapsed or trailed there: README, Results.)
 * DSBO: the task's episodic prototype form (class centres as ``y``, a step's lower and upper level on the
   same 60-way task, raw embeddings, Adam outer step), 4 agents on a ring, each on its own alphabets,
   vectorized simulation (``configs/omniglot_dsbo_ring4.yaml``); the agents' average backbone is tested,
@@ -73,7 +77,7 @@ SPEED_SETTINGS = ((64, 32, 1), (32, 16, 5), (32, 16, 15))
 AUGMENT = 0.5
 CONFIGS = {"soba": "configs/omniglot_soba.yaml", "bome": "configs/omniglot_bome.yaml",
            "dsbo": "configs/omniglot_dsbo_ring4.yaml"}
-LABELS = {"soba": "SOBA (hyper-repr.)", "bome": "BOME (hyper-repr.)", "dsbo": "DSBO, 4 agents, ring",
+LABELS = {"soba": "SOBA (prototype form)", "bome": "BOME (class heads)", "dsbo": "DSBO, 4 agents, ring",
           "maml": "MAML (2nd order)", "protonet": "ProtoNet", "ridge": "ridge heads (R2-D2)"}
 
 
