@@ -1,100 +1,195 @@
-"""Meta-RL benchmark: 2-D navigation and HalfCheetah-Vel, MAML-TRPO vs BOME vs DSBO (4 agents, ring)
-(and SOBA with ``--methods soba``).
+"""Meta-RL benchmark on the MAML paper's protocol: MAML-TRPO against the bilevel methods.
 
-Each method meta-trains for the same wall-clock budget on this machine's CPU (``--budget`` minutes per
-method and environment), then its meta-policy (agents averaged) is adapted to ``--tasks`` new tasks with
-the same adaptation for every method (one VPG step of size 1/reg = 0.1 on 10 fresh episodes per task): the
-table gives the mean return before and after adaptation with 95% intervals over the tasks. Then it times
-environment steps per second through Ray rollout actors against one process on the same request.
+Each method is one config of ``configs/rl/`` (the file ``bilevel-ray run`` takes, so every figure is
+reproduced by that command too). The benchmark runs it through the same runner, then adapts the final
+meta-policy (agents averaged) to ``--tasks`` fresh tasks with MAML's test-time adaptation (policy-gradient
+steps of the config's ``adapt_lr``, fresh episodes each step) and reports the mean return before and
+after 1, 2 and 3 steps with 95% intervals over the tasks, the meta-training wall time and environment
+steps, and where a meta-step's time goes. A method that diverges keeps its last finite checkpoint, is
+evaluated there and is reported as diverged at its step; the benchmark goes on with the others.
 
-    .venv/bin/python benchmarks/meta_rl.py --plot docs/meta_rl.png   # 3 minutes per method and environment
-    .venv/bin/python benchmarks/meta_rl.py --quick         # 20 s each, smaller evaluation (smoke run)
-    .venv/bin/python benchmarks/meta_rl.py --speed-only    # only the rollout throughput
+Results are merged into ``docs/results/meta_rl.json`` (one entry per environment and method) and drawn
+with the table into ``docs/results/meta_rl.md`` and ``meta_rl.png``:
+
+    .venv/bin/python benchmarks/meta_rl.py --envs nav --methods soba maml_trpo    # the 2-D navigation rows
+    .venv/bin/python benchmarks/meta_rl.py --quick      # smoke run: 2 meta-steps per method, seconds
+    .venv/bin/python benchmarks/meta_rl.py --speed-only # environment steps per second, in-process vs Ray
+    .venv/bin/python benchmarks/meta_rl.py --profile 10 # where a meta-step's time goes, per method
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
+import shlex
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("MPLBACKEND", "Agg")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-ENVS = {
-    "nav": dict(env="BilevelRay/Navigation2D-v0", width=64, depth=2),
-    "cheetah_vel": dict(env="BilevelRay/HalfCheetahVel-v0", width=64, depth=2, eval_tasks=10, eval_episodes=5),
+#: (environment, method) -> config; the method keys are those of docs/results/meta_rl.json
+CONFIGS = {
+    ("nav", "maml_trpo"): "configs/rl/navigation_maml_trpo.yaml",
+    ("nav", "soba"): "configs/rl/navigation_soba.yaml",
+    ("nav", "dsbo_sim"): "configs/rl/navigation_dsbo_ring4.yaml",
+    ("nav", "dsbo_ray"): "configs/rl/navigation_dsbo_ring4_ray.yaml",
+    ("nav", "bome"): "configs/rl/navigation_bome.yaml",
+    ("cheetah_vel", "maml_trpo"): "configs/rl/halfcheetah_vel_maml_trpo.yaml",
+    ("cheetah_vel", "soba"): "configs/rl/halfcheetah_vel_soba.yaml",
+    ("cheetah_vel", "dsbo_sim"): "configs/rl/halfcheetah_vel_dsbo_ring4.yaml",
 }
-METHODS = {
-    "maml_trpo": (dict(train_tasks=100, meta_batch=10, episodes=10), dict(name="maml_trpo"), None),
-    # BOME's one joint step must stay below 2/(λ_b·reg·train_tasks) (the x-coupling of the summed lower
-    # level), hence fewer training tasks and a small step
-    "bome": (dict(train_tasks=10, meta_batch=10, episodes=10),
-             dict(name="bome", inner_lr=0.05, inner_steps=5, outer_lr=0.02), None),
-    "soba": (dict(train_tasks=40, meta_batch=10, episodes=10),
-             dict(name="soba", inner_lr=0.05, outer_lr=0.2, schedule="constant"), None),
-    "dsbo_ring4": (dict(train_tasks=40, meta_batch=5, episodes=10),
-                   dict(name="dsbo", outer_lr=0.5, inner_lr=0.05, linear_lr=0.05, inner_steps=1, linear_steps=1),
-                   dict(agents=4, topology="ring", backend="sim")),
-}
+ENVS = sorted({e for e, _ in CONFIGS})
+METHODS = sorted({m for _, m in CONFIGS}, key=lambda m: [k for _, k in CONFIGS].index(m))
+RESULTS = ROOT / "docs" / "results"
 
 
-def train(env_name: str, method: str, budget_s: float, seed: int):
-    from bilevel_ray.config import from_dict
-    from bilevel_ray.decentralized.backends import average, make_backend
+def train(env: str, method: str, args: argparse.Namespace) -> dict:
+    """Run one config; returns its result entry (without the evaluation)."""
+    from bilevel_ray.config import load_config
+    from bilevel_ray.decentralized.backends import average
+    from bilevel_ray.runner import Diverged, run
 
-    task_kw, algo, dec = METHODS[method]
-    raw = {"task": {"name": "meta_rl", **ENVS[env_name], **task_kw, "reg": 10.0, "seed": seed},
-           "algorithm": algo, "run": {"steps": 10**9, "seed": seed, "progress": False}}
-    if dec:
-        raw["decentralized"] = dec
-    cfg = from_dict(raw)
-    backend = make_backend(cfg.task, cfg.algorithm, cfg.decentralized, seed=seed)
-    trained, steps, curve = 0.0, 0, []
-
-    def log() -> None:  # held-out metrics of the averaged iterate (not counted in the budget)
-        states = backend.states()
-        m = cfg.task.metrics(average([s.x for s in states]), average([s.y for s in states]))
-        curve.append((trained / 60, m["pre_return"], m["post_return"]))
-
+    overrides = [f"run.seed={args.seed}", "run.progress=false", *args.set]
+    if args.quick:
+        overrides += ["run.steps=2", "run.eval_every=1", "task.eval_tasks=2", "task.eval_episodes=2"]
+    cfg = load_config(ROOT / CONFIGS[env, method], overrides)
+    out = Path(args.out) / f"{env}_{method}"
+    task = cfg.task
+    task.timings.clear()
+    diverged = None
     try:
-        log()
-        for k in range(1, 6):
-            start = time.perf_counter()
-            while trained + time.perf_counter() - start < budget_s * k / 5:
-                backend.step()
-                steps += 1
-            trained += time.perf_counter() - start
-            log()
-        states = backend.states()
-    finally:
-        backend.close()
-    x = average([s.x for s in states])
-    return cfg.task.learner(x, average([s.y for s in states])), steps, curve
+        rows = run(cfg, out_dir=out, progress=False)
+        from bilevel_ray.rl.metapolicy import load_meta_policy
+
+        policy = load_meta_policy(out / "learner.pt")
+    except Diverged as e:  # evaluate the last finite checkpoint
+        from bilevel_ray import checkpoint
+        from bilevel_ray.runner import _read_rows
+
+        diverged = e.step
+        rows = _read_rows(out / "metrics.csv", upto=10**12)
+        payload = checkpoint.load(out / "checkpoint.pt") if (out / "checkpoint.pt").exists() else None
+        if payload is None:
+            x, y = task.init(seed=args.seed)
+        else:
+            # a checkpointed state is a plain tuple whose first two fields are x and y (every algorithm's)
+            x, y = average([s[0] for s in payload["states"]]), average([s[1] for s in payload["states"]])
+        policy = task.learner(x, y)
+        print(f"{env} {method}: diverged at step {e.step} ({e}); evaluating the last finite checkpoint", flush=True)
+    last = rows[-1]
+    agents = cfg.decentralized.agents
+    per_step = 2 * task.meta_batch * task.episodes * task.sampler.horizon * agents  # two rollouts a meta-step
+    split = {k: v / max(last["wall_time"], 1e-9) for k, v in task.timings.items()} if cfg.decentralized.backend != "ray" else {}
+    return {"env": env, "method": method, "config": CONFIGS[env, method], "steps": int(last["step"]),
+            "minutes": last["wall_time"] / 60, "env_steps": int(last["step"]) * per_step,
+            "diverged_at": diverged, "time_split": split,
+            "curve": [[r["step"], r["wall_time"] / 60, r["pre_return"], r["post_return"]] for r in rows],
+            "policy": policy}
 
 
-def plot(curves: dict, path: Path) -> None:
+def evaluate(entry: dict, args: argparse.Namespace) -> dict:
+    """Before/after 1..K adaptation steps on fresh tasks, mean and 95% half-width over tasks."""
+    from bilevel_ray.meta.fewshot import mean_ci95
+
+    n, episodes = (4, 2) if args.quick else (args.tasks, args.episodes)
+    returns = entry["policy"].evaluate(tasks=n, episodes=episodes, adapt_steps=args.adapt_steps, seed=args.seed + 1)
+    for k in range(returns.shape[0]):
+        key = "before" if k == 0 else f"after{k}"
+        entry[key], entry[key + "_ci95"] = (float(v) for v in mean_ci95(returns[k].numpy()))
+    entry["eval"] = {"tasks": n, "episodes": episodes, "adapt_lr": entry["policy"].adapt_lr}
+    return entry
+
+
+def write_results(entries: list[dict], command: str, folder: Path) -> Path:
+    """Merge into ``folder``/meta_rl.json (keyed by env, method) and redraw the table and plot there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "meta_rl.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, CPU (torch {torch.__version__}, 1 thread per process)"
+    for e in entries:
+        record = {k: v for k, v in e.items() if k not in ("policy", "env", "method")}
+        record.update(command=command, machine=machine, date=time.strftime("%Y-%m-%d"))
+        data.setdefault(e["env"], {})[e["method"]] = record
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    (folder / "meta_rl.md").write_text(table(data))
+    plot(data, folder / "meta_rl.png")
+    return path
+
+
+def table(data: dict) -> str:
+    lines = ["| env | method | before | after 1 step | after 2 | after 3 | meta-steps | minutes | env steps | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for env, methods in sorted(data.items()):
+        for method, r in methods.items():
+            cells = [f"{r[k]:.1f} ± {r[k + '_ci95']:.1f}" for k in ("before", "after1", "after2", "after3") if k in r]
+            note = f"diverged at step {r['diverged_at']}" if r.get("diverged_at") else ""
+            lines.append(f"| {env} | {method} | {' | '.join(cells)} | {r['steps']} | {r['minutes']:.1f} | "
+                         f"{r['env_steps']:,} | {note} |")
+    lines.append("")
+    lines.append("Mean return on fresh tasks ± 95% interval over tasks; commands and machine in meta_rl.json.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    envs = sorted({e for e, _ in curves})
-    fig, axes = plt.subplots(1, len(envs), figsize=(5.5 * len(envs), 3.8), squeeze=False)
-    for ax, env in zip(axes[0], envs):
-        for (e, method), pts in curves.items():
-            if e != env:
-                continue
-            t, pre, post = zip(*pts)
-            line, = ax.plot(t, post, marker="o", label=f"{method} after adaptation")
-            ax.plot(t, pre, ls="--", color=line.get_color(), label=f"{method} before")
-        ax.set(title=env, xlabel="meta-training time (min, CPU)", ylabel="mean return on held-out tasks")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    envs = sorted(data)
+    fig, axes = plt.subplots(len(envs), 2, figsize=(11, 3.8 * len(envs)), squeeze=False)
+    for row, env in zip(axes, envs):
+        for method, r in data[env].items():
+            ks = [k for k in ("before", "after1", "after2", "after3") if k in r]
+            line = row[0].errorbar(range(len(ks)), [r[k] for k in ks], yerr=[r[k + "_ci95"] for k in ks],
+                                   marker="o", capsize=3, label=method)
+            steps, _, pre, post = zip(*r["curve"])
+            colour = line[0].get_color()
+            row[1].plot(steps, post, color=colour, label=f"{method} after 1 step")
+            row[1].plot(steps, pre, color=colour, ls="--", alpha=0.6, label=f"{method} before")
+        row[0].set(title=f"{env}: fresh tasks", xlabel="adaptation steps", ylabel="mean return")
+        row[1].set(title=f"{env}: held-out tasks during meta-training", xlabel="meta-iterations", ylabel="mean return")
+        for ax in row:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def profile(env: str, method: str, args: argparse.Namespace) -> dict[str, float]:
+    """Seconds per meta-step and where they go: rollouts, advantages (baseline fits), gossip (mixing,
+    waiting for neighbours included) and the rest, the algorithm's step (surrogates, derivatives)."""
+    from bilevel_ray.config import load_config
+    from bilevel_ray.decentralized.backends import make_backend
+
+    cfg = load_config(ROOT / CONFIGS[env, method], [f"run.seed={args.seed}", *args.set])
+    backend = make_backend(cfg.task, cfg.algorithm, cfg.decentralized, seed=args.seed)
+    try:
+        for _ in range(2):  # warm-up: vector environments, Ray actors
+            backend.step()
+        cfg.task.timings.clear()
+        wall, gossip, phases = 0.0, 0.0, {}
+        for _ in range(args.profile):
+            start = time.perf_counter()
+            backend.step()
+            wall += time.perf_counter() - start
+            gossip += backend.gossip_last_round
+            for k, v in getattr(backend, "phases_last_round", {}).items():
+                phases[k] = phases.get(k, 0.0) + v
+        phases = phases or dict(cfg.task.timings)
+    finally:
+        backend.close()
+    task = cfg.task
+    env_steps = 2 * task.meta_batch * task.episodes * task.sampler.horizon * cfg.decentralized.agents
+    out = {"seconds": wall / args.profile, "env_steps_per_s": env_steps * args.profile / wall}
+    out.update({k: v / wall for k, v in phases.items()}, gossip=gossip / wall)
+    out["algorithm"] = 1.0 - sum(v for k, v in out.items() if k not in ("seconds", "env_steps_per_s"))
+    return out
 
 
 def speed(env_id: str, workers: int, tasks: int, episodes: int, horizon: int, repeats: int = 3) -> tuple[float, float]:
@@ -116,42 +211,70 @@ def speed(env_id: str, workers: int, tasks: int, episodes: int, horizon: int, re
     return out[0], out[1]
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=float, default=3.0, help="minutes of meta-training per method and env")
-    parser.add_argument("--tasks", type=int, default=40, help="new tasks of the final evaluation")
-    parser.add_argument("--envs", nargs="*", default=list(ENVS), choices=list(ENVS))
-    parser.add_argument("--methods", nargs="*", default=["maml_trpo", "bome", "dsbo_ring4"], choices=list(METHODS))
-    parser.add_argument("--workers", type=int, default=2, help="Ray rollout actors in the speed test")
+    parser.add_argument("--envs", nargs="*", default=["nav"], choices=ENVS)
+    parser.add_argument("--methods", nargs="*", default=["maml_trpo", "soba", "dsbo_sim", "dsbo_ray"], choices=METHODS)
+    parser.add_argument("--tasks", type=int, default=40, help="fresh tasks of the final evaluation")
+    parser.add_argument("--episodes", type=int, default=20, help="episodes per task and adaptation step")
+    parser.add_argument("--adapt-steps", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="20 s budgets, 8 evaluation tasks")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
+    parser.add_argument("--out", default="runs/bench", help="run folders (metrics, checkpoints, learners)")
+    parser.add_argument("--workers", type=int, default=2, help="Ray rollout actors in the speed test")
+    parser.add_argument("--quick", action="store_true", help="2 meta-steps per method, small evaluation (smoke)")
     parser.add_argument("--speed-only", action="store_true")
-    parser.add_argument("--plot", metavar="PNG", help="write learning curves (held-out returns vs training time)")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    from bilevel_ray.meta.fewshot import mean_ci95
+    parser.add_argument("--profile", type=int, metavar="STEPS",
+                        help="only time STEPS meta-steps of each method and print where they go")
+    parser.add_argument("--gif", metavar="GIF", help="write one adapted navigation policy's GIF (first nav method)")
+    return parser.parse_args(argv)
 
-    budget = 20.0 if args.quick else args.budget * 60
-    n_eval = 8 if args.quick else args.tasks
-    if not args.speed_only:
-        print(f"meta-training budget {budget / 60:.2f} min per method (CPU, 1 torch thread); evaluation on {n_eval} "
-              f"new tasks, 10 episodes each, one adaptation step (VPG, step 0.1); mean return ± 95% interval")
-        print(f"{'env':<12} {'method':<11} {'steps':>6} {'before':>16} {'after':>16} {'gain':>14}")
-        curves = {}
-        for env_name in args.envs:
+
+def main() -> None:
+    args = parse()
+    torch.set_num_threads(1)
+    command = "benchmarks/meta_rl.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.profile:
+        print(f"{'env':<12} {'method':<10} {'s/step':>7} {'env steps/s':>11}  rollouts  advantages  gossip  algorithm")
+        for env in args.envs:
             for method in args.methods:
-                policy, steps, curves[env_name, method] = train(env_name, method, budget, args.seed)
-                returns = policy.evaluate(tasks=n_eval, episodes=10, seed=args.seed + 1)
-                pre, post = mean_ci95(returns[0].numpy()), mean_ci95(returns[-1].numpy())
-                gain = mean_ci95((returns[-1] - returns[0]).numpy())
-                print(f"{env_name:<12} {method:<11} {steps:>6} {pre[0]:>8.2f} ± {pre[1]:<5.2f} {post[0]:>8.2f} ± "
-                      f"{post[1]:<5.2f} {gain[0]:>6.2f} ± {gain[1]:<5.2f}", flush=True)
-        if args.plot:
-            plot(curves, Path(args.plot))
-            print(f"learning curves: {args.plot}")
+                if (env, method) in CONFIGS:
+                    p = profile(env, method, args)
+                    print(f"{env:<12} {method:<10} {p['seconds']:>7.2f} {p['env_steps_per_s']:>11,.0f}  "
+                          f"{p.get('rollouts', 0):>8.0%}  {p.get('advantages', 0):>10.0%}  {p['gossip']:>6.0%}  "
+                          f"{p['algorithm']:>9.0%}", flush=True)
+        return
+    if not args.speed_only:
+        entries = []
+        print(f"{'env':<12} {'method':<10} {'steps':>6} {'min':>6} {'before':>14} {'after 1':>14} {'after 2':>14} "
+              f"{'after 3':>14}  time split", flush=True)
+        for env in args.envs:
+            for method in args.methods:
+                if (env, method) not in CONFIGS:
+                    print(f"{env} {method}: no config, skipped")
+                    continue
+                entry = evaluate(train(env, method, args), args)
+                entries.append(entry)
+                cells = " ".join(f"{entry[k]:>7.1f} ± {entry[k + '_ci95']:<4.1f}"
+                                 for k in ("before", "after1", "after2", "after3") if k in entry)
+                split = ", ".join(f"{k} {v:.0%}" for k, v in entry["time_split"].items())
+                flag = f"  DIVERGED at step {entry['diverged_at']}" if entry["diverged_at"] else ""
+                print(f"{env:<12} {method:<10} {entry['steps']:>6} {entry['minutes']:>6.1f} {cells}  {split}{flag}",
+                      flush=True)
+                if args.gif and env == "nav":
+                    from bilevel_ray.rl.video import write_adaptation_gif
+
+                    write_adaptation_gif(entry["policy"], args.gif, seed=args.seed)
+                    print(f"video: {args.gif}")
+                    args.gif = None
+        # a smoke run (--quick) writes under --out, leaving the published figures alone
+        folder = Path(args.out) / "results" if args.quick else RESULTS
+        print(f"results: {write_results(entries, command, folder)}")
     print(f"environment steps per second, one process vs {args.workers} Ray rollout actors (same request, same episodes):")
     for env_id, tasks, episodes, horizon in (("BilevelRay/Navigation2D-v0", 20, 20, 100),
                                              ("BilevelRay/HalfCheetahVel-v0", 8, 10, 200)):
+        if args.quick:
+            tasks, episodes, horizon = 2, 2, 20
         one, ray_ = speed(env_id, args.workers, tasks, episodes, horizon)
         print(f"{env_id:<30} one process {one:>9.0f}  ray x{args.workers} {ray_:>9.0f}  ratio {ray_ / one:.2f}", flush=True)
 

@@ -132,13 +132,13 @@ def _eval_rl(args: argparse.Namespace, payload: dict) -> int:
             write_adaptation_gif(policy, args.video, seed=args.seed)
     except (ValueError, FileNotFoundError) as e:
         return _error(str(e), 2)
-    steps = returns.shape[0] - 1
-    pre, pre_half = mean_ci95(returns[0].numpy())
-    post, post_half = mean_ci95(returns[-1].numpy())
-    gain, gain_half = mean_ci95((returns[-1] - returns[0]).numpy())
-    print(f"{policy.env}: {tasks} new tasks, {args.episodes} episodes each; mean return before adaptation "
-          f"{pre:.2f} ± {pre_half:.2f}, after {steps} step{'s' * (steps != 1)} {post:.2f} ± {post_half:.2f}, "
-          f"gain {gain:.2f} ± {gain_half:.2f} (95% intervals)")
+    print(f"{policy.env}: {tasks} new tasks, {args.episodes} episodes each, adaptation steps of {policy.adapt_lr:g} "
+          f"(95% intervals over tasks)")
+    print(f"{'adaptation steps':>16}  {'mean return':>16}  {'gain over 0 steps':>17}")
+    for k in range(returns.shape[0]):
+        mean, half = mean_ci95(returns[k].numpy())
+        gain = "" if k == 0 else "{:>8.2f} ± {:<6.2f}".format(*mean_ci95((returns[k] - returns[0]).numpy()))
+        print(f"{k:>16}  {mean:>8.2f} ± {half:<6.2f}  {gain}".rstrip())
     if args.video:
         print(f"video: {args.video}")
     return 0

@@ -109,7 +109,8 @@ class BilevelProblem(Protocol):
 
     Required: ``f``, ``g``, ``inner``, ``outer`` and ``init(seed=...)``. Optional, used by tests and
     metrics when present: ``y_star(x)``, ``hypergradient(x)`` (exact ``∇h``), ``value(x)`` (exact
-    ``h``), ``x_star`` and ``metrics(x, y) -> dict``.
+    ``h``), ``x_star`` and ``metrics(x, y) -> dict``; ``divergence(x_old, x_new, batch)``, a scalar
+    distance between upper iterates that the algorithms' trust region (``max_kl``) bounds.
     """
 
     inner: Sampler

@@ -18,18 +18,26 @@ from typing import Any
 import torch
 import yaml
 
-from bilevel_ray import checkpoint
+from bilevel_ray import checkpoint, tree
 from bilevel_ray.files import write_text
 from bilevel_ray.config import RunConfig
 from bilevel_ray.decentralized.backends import AgentFailure, average, consensus_error, make_backend
 from bilevel_ray.plotting import plot_curves
 
-__all__ = ["run", "metrics_row", "save_point", "restore_point", "COUNTERS"]
+__all__ = ["run", "Diverged", "metrics_row", "save_point", "restore_point", "COUNTERS"]
 
 #: agent failures tolerated in one run before it gives up
 MAX_FAILURES = 10
 #: bookkeeping columns that precede the task's metrics in every row
 COUNTERS = ("step", "wall_time", "oracle_calls", "grad_f", "grad_g", "hvp", "jvp")
+
+
+class Diverged(FloatingPointError):
+    """A run stopped on non-finite values at ``step``; its rows so far and last finite checkpoint are kept."""
+
+    def __init__(self, message: str, *, step: int):
+        super().__init__(message)
+        self.step = step
 
 
 def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = None,
@@ -43,8 +51,10 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
     the row adds the consensus error ``mean_i ‖x_i − x̄‖²``, the bytes gossiped in the last round and its
     latency in seconds.
     A metric that becomes non-finite (or ``outer_objective`` non-finite at step 0; a metric undefined
-    from the start, such as a mean over an empty set, is kept) stops the run with
-    ``FloatingPointError`` once the rows so far are written.
+    from the start, such as a mean over an empty set, is kept), or an upper iterate that is not finite
+    when a checkpoint is due, or a step that fails on non-finite values stops the run with
+    :class:`Diverged` (a ``FloatingPointError`` that names the step) once the rows so far are written;
+    the last checkpoint is then the last finite one.
 
     With ``run.checkpoint_every = k > 0`` every agent's state is saved to ``checkpoint.pt`` every
     ``k`` rounds. An agent that dies mid-run is restarted by Ray and the whole network restarts from
@@ -91,7 +101,7 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
             snapshot = (t, backend.states())
             bar.update(t)
             logged = rows[-1]["step"] if rows else -1
-            failures = 0
+            saved, failures = t, 0
             while True:
                 try:
                     if t > logged and (t % every == 0 or t == steps):
@@ -108,20 +118,24 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
                         logged = t
                         bar.set_postfix(outer=f"{row['outer_objective']:.4g}", refresh=False)
                         _check_finite(rows, out)
+                    if keep and t % keep == 0 and t > saved:  # after the step's metrics: only finite rows get one
+                        states = backend.states()
+                        _check_iterates(states, t, out)  # a diverged iterate never replaces the last checkpoint
+                        save_point(out / "checkpoint.pt", t, wall, states)
+                        snapshot, saved = (t, states), t
                     if t >= steps:
                         break
                     start = time.perf_counter()
                     try:
                         backend.step()
+                    except FloatingPointError as e:  # e.g. a policy whose rollouts are no longer finite
+                        raise Diverged(f"run: step {t + 1} met non-finite values ({e}); the last finite checkpoint "
+                                       f"and the rows so far are in {out}", step=t + 1) from e
                     finally:
                         _sync()
                         wall += time.perf_counter() - start
                     t += 1
                     bar.update()
-                    if keep and t % keep == 0:
-                        states = backend.states()
-                        save_point(out / "checkpoint.pt", t, wall, states)
-                        snapshot = (t, states)
                 except AgentFailure:
                     # replay from the last checkpoint (wall time keeps counting the lost work)
                     failures += 1
@@ -174,8 +188,15 @@ def _check_finite(rows: list[dict[str, Any]], out: Path) -> None:
            and (math.isfinite(prev[k]) if prev else k == "outer_objective")]
     if bad:
         values = ", ".join(f"{k}={row[k]}" for k in bad)
-        raise FloatingPointError(f"run: non-finite metrics at step {row['step']} ({values}); "
-                                 f"the rows so far are in {out}")
+        raise Diverged(f"run: non-finite metrics at step {row['step']} ({values}); the rows so far are in {out}",
+                       step=row["step"])
+
+
+def _check_iterates(states: list[Any], t: int, out: Path) -> None:
+    bad = [i for i, s in enumerate(states) if not bool(torch.isfinite(tree.flatten(s.x)).all())]
+    if bad:
+        raise Diverged(f"run: the upper iterate x of agent {bad[0]} is not finite after step {t}; the last finite "
+                       f"checkpoint and the rows so far are in {out}", step=t)
 
 
 def _resume_point(out: Path, resolved: dict[str, Any]) -> dict[str, Any]:

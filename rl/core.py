@@ -44,6 +44,10 @@ _BUILTIN: dict[str, tuple[str, int, dict[str, Any]]] = {
 }
 
 
+#: natively vectorized versions (gymnasium's ``vector_entry_point``; they add ``set_tasks(list)``)
+_VECTOR: dict[str, str] = {"Navigation2D-v0": "bilevel_ray.rl.navigation:Navigation2DVectorEnv"}
+
+
 @runtime_checkable
 class MetaEnv(Protocol):
     """What a meta-environment adds to ``gymnasium.Env``."""
@@ -82,7 +86,8 @@ def register_builtin() -> None:
     for name, (entry, steps, kwargs) in _BUILTIN.items():
         env_id = f"{NAMESPACE}/{name}"
         if env_id not in gym.registry:
-            gym.register(id=env_id, entry_point=entry, max_episode_steps=steps, kwargs=dict(kwargs))
+            gym.register(id=env_id, entry_point=entry, max_episode_steps=steps, kwargs=dict(kwargs),
+                         vector_entry_point=_VECTOR.get(name))
 
 
 def load_plugins() -> list[str]:

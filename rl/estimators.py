@@ -6,6 +6,14 @@ and the "magic box" ``⊡(w) = exp(w − stop_grad(w))``. It evaluates to 0, its
 ``Σ_t ∇log π_t A_t``, and with ``A_t`` = (undiscounted) return-to-go minus any baseline of the state its
 derivatives of *every* order are unbiased estimates of those of the expected return. That makes the
 Hessian-vector products that MAML's meta-gradient and the bilevel algorithms need meaningful.
+
+The low-variance curvature (LVC) surrogate of ProMP (Rothfuss et al., ICLR 2019) weights each step by
+its own likelihood ratio, ``S(θ) = (1/E) Σ_e Σ_t ρ_t A_t`` with ``ρ_t = π_θ(a_t|s_t) / ⊥π_θ(a_t|s_t)``.
+Its value and gradient equal DiCE's; its Hessian keeps the per-step terms
+``Σ_t (∇²log π_t + ∇log π_t ∇log π_tᵀ) A_t`` and drops the products of scores at different steps,
+whose variance grows with the horizon. That Hessian is unbiased where those products have zero mean
+(actions that do not change later states, e.g. a horizon of one) and biased, with far lower variance,
+elsewhere (the bias vanishes near a local optimum, Rothfuss et al. 2019, section 5).
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["discounted_returns", "baseline_features", "fit_linear_baseline", "gae", "advantages",
-           "dice_surrogate"]
+           "dice_surrogate", "lvc_surrogate", "ESTIMATORS", "surrogate"]
 
 
 def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
@@ -35,17 +43,25 @@ def baseline_features(obs: Tensor, mask: Tensor) -> Tensor:
     return feats * mask.unsqueeze(-1)
 
 
-def fit_linear_baseline(obs: Tensor, returns: Tensor, mask: Tensor, reg: float = 1e-5) -> Tensor:
+def fit_linear_baseline(obs: Tensor, returns: Tensor, mask: Tensor, reg: float = 1e-5, groups: int = 1) -> Tensor:
     """Ridge regression of the returns on :func:`baseline_features`; the ridge grows ×10 until the solve
-    is finite (as in MAML-RL). Returns the coefficients (2d + 4,)."""
-    feats = baseline_features(obs, mask).reshape(-1, obs.shape[-1] * 2 + 4).double()
-    target = (returns * mask).reshape(-1).double()
-    gram, rhs = feats.T @ feats, feats.T @ target
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    is finite (as in MAML-RL). ``groups > 1`` fits one baseline per equal, consecutive block of episodes
+    (a task's, in a task-major request). Returns the coefficients, ``(2d + 4,)`` or ``(groups, 2d + 4)``."""
+    horizon, episodes, dim = obs.shape[0], obs.shape[1], obs.shape[-1] * 2 + 4
+    if episodes % groups:
+        raise ValueError(f"rl.groups: {episodes} episodes do not split into {groups} equal groups")
+    feats = baseline_features(obs, mask).double().reshape(horizon, groups, -1, dim).transpose(0, 1).reshape(groups, -1, dim)
+    target = (returns * mask).double().reshape(horizon, groups, -1).transpose(0, 1).reshape(groups, -1, 1)
+    gram, rhs = feats.transpose(1, 2) @ feats, feats.transpose(1, 2) @ target
+    eye = torch.eye(dim, dtype=gram.dtype)
+    coef = torch.full((groups, dim, 1), float("nan"), dtype=gram.dtype)
+    todo = torch.ones(groups, dtype=torch.bool)
     for _ in range(6):
-        coef = torch.linalg.solve(gram + reg * eye, rhs)
-        if torch.isfinite(coef).all():
-            return coef.to(obs.dtype)
+        coef[todo] = torch.linalg.solve(gram[todo] + reg * eye, rhs[todo])
+        todo = ~torch.isfinite(coef).all(dim=(1, 2))
+        if not bool(todo.any()):
+            coef = coef.squeeze(-1).to(obs.dtype)
+            return coef[0] if groups == 1 else coef
         reg *= 10
     raise FloatingPointError("rl.baseline: the linear baseline solve is not finite even with a large ridge")
 
@@ -64,19 +80,24 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
 
 
 def advantages(obs: Tensor, rewards: Tensor, mask: Tensor, *, gamma: float = 0.99, lam: float = 1.0,
-               normalize: bool = True) -> Tensor:
+               normalize: bool = True, groups: int = 1) -> Tensor:
     """GAE with a linear baseline fitted on these episodes (MAML-RL's estimator), optionally normalized
-    to zero mean and unit variance over the unmasked steps. A constant of the policy (no gradient)."""
+    to zero mean and unit variance over the unmasked steps. ``groups > 1``: the episodes are that many
+    equal, consecutive blocks (tasks) and each gets its own baseline and normalization, in one pass. A
+    constant of the policy (no gradient)."""
     with torch.no_grad():
         returns = discounted_returns(rewards, mask, gamma)
-        coef = fit_linear_baseline(obs, returns, mask)
-        values = baseline_features(obs, mask) @ coef
+        coef = fit_linear_baseline(obs, returns, mask, groups=groups)
+        feats = baseline_features(obs, mask)
+        values = (feats.reshape(*feats.shape[:1], groups, -1, feats.shape[-1]) @ coef.reshape(groups, -1, 1)
+                  ).reshape(rewards.shape)
         adv = gae(rewards, values, mask, gamma, lam)
         if normalize:
-            n = mask.sum()
-            mean = (adv * mask).sum() / n
-            std = (((adv - mean) ** 2 * mask).sum() / n).sqrt()
-            adv = (adv - mean) / (std + 1e-8) * mask
+            a, m = adv.reshape(adv.shape[0], groups, -1), mask.reshape(mask.shape[0], groups, -1)
+            n = m.sum(dim=(0, 2))
+            mean = (a * m).sum(dim=(0, 2)) / n
+            std = (((a - mean[:, None]) ** 2 * m).sum(dim=(0, 2)) / n).sqrt()
+            adv = ((a - mean[:, None]) / (std[:, None] + 1e-8) * m).reshape(adv.shape)
     return adv
 
 
@@ -99,3 +120,29 @@ def dice_surrogate(log_probs: Tensor, advantages: Tensor, mask: Tensor,
     prev = torch.cat([torch.zeros_like(cum[:1]), cum[:-1]])
     weights = torch.exp(cum) - torch.exp(prev)
     return (weights * advantages * mask).sum(0).mean()
+
+
+def lvc_surrogate(log_probs: Tensor, advantages: Tensor, mask: Tensor,
+                  behaviour_log_probs: Tensor | None = None, max_log_ratio: float | None = None) -> Tensor:
+    """ProMP's LVC surrogate ``(1/E) Σ_e Σ_t ρ_t A_t`` with per-step ratios ``ρ_t = exp(l_t − l_t^b)``
+    against ``behaviour_log_probs`` (default: ``log_probs`` detached); ``max_log_ratio = c`` soft-clips
+    each log-ratio to ``c·tanh(z/c)`` as :func:`dice_surrogate` does. Arguments as there."""
+    behaviour = log_probs.detach() if behaviour_log_probs is None else behaviour_log_probs.detach()
+    z = (log_probs - behaviour) * mask
+    if max_log_ratio is not None:
+        z = max_log_ratio * torch.tanh(z / max_log_ratio)
+    return (torch.exp(z) * advantages * mask).sum(0).mean()
+
+
+#: the second-order surrogates by config name (``task.estimator``)
+ESTIMATORS = {"lvc": lvc_surrogate, "dice": dice_surrogate}
+
+
+def surrogate(kind: str, log_probs: Tensor, advantages: Tensor, mask: Tensor,
+              behaviour_log_probs: Tensor | None = None, max_log_ratio: float | None = None) -> Tensor:
+    """The ``kind`` surrogate (``"lvc"`` or ``"dice"``); arguments as :func:`dice_surrogate`."""
+    try:
+        fn = ESTIMATORS[kind]
+    except KeyError:
+        raise ValueError(f"task.estimator: must be one of {', '.join(ESTIMATORS)}, got {kind!r}") from None
+    return fn(log_probs, advantages, mask, behaviour_log_probs, max_log_ratio)

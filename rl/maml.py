@@ -47,10 +47,6 @@ class Adaptation:
             raise ValueError(f"algorithm.inner_steps: must be an integer >= 1, got {self.steps!r}")
 
 
-def _advantages(eps: Episodes, ad: Adaptation) -> Tensor:
-    return advantages(eps.obs, eps.rewards, eps.mask, gamma=ad.gamma, lam=ad.lam)
-
-
 def adapt(policy: Policy, params: Params, eps: Episodes, adv: Tensor, ad: Adaptation, *,
           create_graph: bool = False) -> Params:
     """``ad.steps`` ascent steps on the surrogate of ``eps``, importance-weighted by the policy that
@@ -88,16 +84,19 @@ def collect(policy: Policy, sampler: RolloutSampler, params: Params, tasks: Sequ
             ad: Adaptation, *, seed: int) -> list[TaskBatch]:
     """Sample ``episodes`` per task with ``params``, adapt per task, sample again with the adapted
     policies. Seeds: ``(seed, 0)`` before, ``(seed, 1)`` after adaptation."""
-    train = sampler.sample(params, tasks, episodes, seed=(seed, 0))
-    per_task = [train.of_task(k) for k in range(len(tasks))]
-    train_adv = [_advantages(e, ad) for e in per_task]
+    n = len(tasks)
+    per_task, train_adv = _per_task(sampler.sample(params, tasks, episodes, seed=(seed, 0)), n, ad)
     adapted = [adapt(policy, params, e, a, ad) for e, a in zip(per_task, train_adv)]
-    valid = sampler.sample(adapted, tasks, episodes, seed=(seed, 1))
-    out = []
-    for k, (e, a, p) in enumerate(zip(per_task, train_adv, adapted)):
-        v = valid.of_task(k)
-        out.append(TaskBatch(e, a, v, _advantages(v, ad), p))
-    return out
+    valid, valid_adv = _per_task(sampler.sample(adapted, tasks, episodes, seed=(seed, 1)), n, ad)
+    return [TaskBatch(*parts) for parts in zip(per_task, train_adv, valid, valid_adv, adapted)]
+
+
+def _per_task(eps: Episodes, n: int, ad: Adaptation) -> tuple[list[Episodes], list[Tensor]]:
+    """A task-major request's episodes and advantages per task (one baseline each, fitted in one pass)."""
+    adv = advantages(eps.obs, eps.rewards, eps.mask, gamma=ad.gamma, lam=ad.lam, groups=n)
+    per = adv.shape[1] // n
+    cols = [range(k * per, (k + 1) * per) for k in range(n)]
+    return [eps.select(c) for c in cols], [adv[:, c.start:c.stop] for c in cols]
 
 
 class MAMLTRPOStep(NamedTuple):

@@ -1,8 +1,8 @@
 """A saved meta-policy: what a meta-RL run deploys, and its evaluation on new tasks.
 
 ``bilevel-ray eval learner.pt`` adapts the meta-policy to new tasks of its environment (``adapt_steps``
-proximal steps of size ``1/reg``, i.e. VPG steps from ``x``; fresh episodes each step) and reports the
-mean return before and after adaptation with 95% intervals over the tasks.
+policy-gradient steps of size ``adapt_lr`` from ``x``, fresh episodes each step, as MAML's test-time
+adaptation) and reports the mean return before and after each step with 95% intervals over the tasks.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class MetaPolicy:
     horizon: int
     hidden: tuple[int, ...]
     params: dict[str, torch.Tensor]
-    reg: float
+    adapt_lr: float
     adapt_steps: int = 1
     gamma: float = 0.99
     gae_lambda: float = 1.0
@@ -43,7 +43,7 @@ class MetaPolicy:
     def save(self, path: str | Path) -> None:
         """Write the checkpoint atomically."""
         payload = {"format": FORMAT, "env": self.env, "horizon": int(self.horizon), "hidden": list(self.hidden),
-                   "params": {k: v.detach().cpu() for k, v in self.params.items()}, "reg": float(self.reg),
+                   "params": {k: v.detach().cpu() for k, v in self.params.items()}, "adapt_lr": float(self.adapt_lr),
                    "adapt_steps": int(self.adapt_steps), "gamma": float(self.gamma), "gae_lambda": float(self.gae_lambda)}
         atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
 
@@ -55,12 +55,12 @@ class MetaPolicy:
               seed: int = 0) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
         """Per-task mean returns ``(steps + 1, len(tasks))`` before and after each adaptation step, and
         the adapted policies."""
-        from bilevel_ray.rl.problem import proximal_adapt
+        from bilevel_ray.rl.problem import adapt_policies
 
         steps = self.adapt_steps if adapt_steps is None else adapt_steps
         if not (isinstance(steps, int) and steps >= 0):
             raise ValueError(f"adapt_steps: must be an integer >= 0, got {steps!r}")
-        return proximal_adapt(self.sampler, self.params, tasks, steps=steps, reg=self.reg, episodes=episodes,
+        return adapt_policies(self.sampler, self.params, tasks, steps=steps, lr=self.adapt_lr, episodes=episodes,
                               gamma=self.gamma, lam=self.gae_lambda, seed=(seed, 3))
 
     def evaluate(self, *, tasks: int = 100, episodes: int = 10, adapt_steps: int | None = None, seed: int = 0
@@ -90,5 +90,7 @@ def load_meta_policy(path: str | Path) -> MetaPolicy:
 
 def from_payload(payload: dict[str, Any]) -> MetaPolicy:
     """The meta-policy of an already loaded checkpoint (see :func:`is_meta_policy`)."""
-    fields = {k: payload[k] for k in ("env", "horizon", "params", "reg", "adapt_steps", "gamma", "gae_lambda")}
-    return MetaPolicy(hidden=tuple(payload["hidden"]), **fields)
+    fields = {k: payload[k] for k in ("env", "horizon", "params", "adapt_steps", "gamma", "gae_lambda")}
+    # checkpoints written before the maml form stored the proximal weight λ; their step was 1/λ
+    lr = payload["adapt_lr"] if "adapt_lr" in payload else 1.0 / payload["reg"]
+    return MetaPolicy(hidden=tuple(payload["hidden"]), adapt_lr=float(lr), **fields)

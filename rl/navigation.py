@@ -85,3 +85,59 @@ class Navigation2DEnv(gym.Env):
             r, c = pixel(p)
             img[max(r - 2, 0):r + 3, max(c - 2, 0):c + 3] = colour
         return img
+
+
+class Navigation2DVectorEnv(gym.vector.VectorEnv):
+    """``num_envs`` copies of :class:`Navigation2DEnv` stepped together in numpy (gymnasium's
+    ``vector_entry_point`` of ``BilevelRay/Navigation2D-v0``): the same positions, rewards and
+    truncation as the single environment, without a Python call per sub-environment and step.
+    Each copy has its own task (:meth:`set_tasks`)."""
+
+    metadata = {"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
+
+    def __init__(self, num_envs: int, goal_range: float = 0.5, max_episode_steps: int | None = None):
+        if not (isinstance(num_envs, int) and num_envs >= 1):
+            raise ValueError(f"env.num_envs: must be an integer >= 1, got {num_envs!r}")
+        self.single_env = Navigation2DEnv(goal_range)
+        self.num_envs = num_envs
+        self.max_episode_steps = max_episode_steps
+        self.single_observation_space = self.single_env.observation_space
+        self.single_action_space = self.single_env.action_space
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, num_envs)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
+        self._goals = np.zeros((num_envs, 2))
+        self._pos = np.zeros((num_envs, 2))
+        self._steps = np.zeros(num_envs, dtype=np.int64)
+
+    def sample_tasks(self, n: int, *, seed: int) -> list[Task]:
+        return self.single_env.sample_tasks(n, seed=seed)
+
+    def set_tasks(self, tasks: list[Task]) -> None:
+        """One task per sub-environment (validated as :meth:`Navigation2DEnv.set_task` does)."""
+        if len(tasks) != self.num_envs:
+            raise ValueError(f"env.tasks: need {self.num_envs} tasks, one per sub-environment, got {len(tasks)}")
+        goals = []
+        for task in tasks:
+            clean = validate_task(task, Navigation2DEnv.TASK_SPEC, "Navigation2DVectorEnv")
+            goals.append((clean["goal_x"], clean["goal_y"]))
+        self._goals = np.asarray(goals, dtype=np.float64)
+
+    def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed if isinstance(seed, int) or seed is None else None)
+        self._pos = np.zeros((self.num_envs, 2))
+        self._steps[:] = 0
+        return self._pos.astype(np.float32), {}
+
+    def step(self, actions):
+        actions = np.clip(np.asarray(actions, dtype=np.float64), -Navigation2DEnv.MAX_STEP, Navigation2DEnv.MAX_STEP)
+        self._pos = self._pos + actions
+        diff = self._pos - self._goals
+        dist = np.sqrt(diff[:, 0] * diff[:, 0] + diff[:, 1] * diff[:, 1])
+        self._steps += 1
+        truncated = (np.zeros(self.num_envs, dtype=bool) if self.max_episode_steps is None
+                     else self._steps >= self.max_episode_steps)
+        obs = self._pos.astype(np.float32)
+        if truncated.any():  # same-step autoreset: the episode's last position goes into the info
+            self._pos[truncated] = 0.0
+            self._steps[truncated] = 0
+        return obs, -dist, np.zeros(self.num_envs, dtype=bool), truncated, {"distance": dist}

@@ -49,6 +49,15 @@ def _mlp(params: Params, x: Tensor, layers: int) -> Tensor:
     return x
 
 
+def _mlp_stacked(params: Params, x: Tensor, layers: int) -> Tensor:
+    """:func:`_mlp` of ``K`` policies at once: leaves ``(K, ...)``, inputs ``(K, E, in)`` (batched matmuls)."""
+    for i in range(layers):
+        x = torch.baddbmm(params[f"layer{i}.bias"].unsqueeze(1), x, params[f"layer{i}.weight"].transpose(1, 2))
+        if i < layers - 1:
+            x = torch.tanh(x)
+    return x
+
+
 @dataclass(frozen=True)
 class GaussianMLPPolicy:
     """Diagonal Gaussian with an MLP mean (tanh hidden layers) and a state-independent log std
@@ -93,6 +102,16 @@ class GaussianMLPPolicy:
         actions = mean + params["log_std"].exp() * noise
         return actions, self._log_density(params, mean, actions)
 
+    def sample_stacked(self, params: Params, obs: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`sample` for ``K`` policies at once: ``params`` stacked ``(K, ...)``, ``obs`` ``(K, E, obs_dim)``,
+        ``noise`` ``(K, E, act_dim)``; one batched pass instead of ``K`` (rollouts of many tasks)."""
+        mean = _mlp_stacked(params, obs, len(self.hidden) + 1)
+        log_std = params["log_std"].unsqueeze(1)
+        actions = mean + log_std.exp() * noise
+        z = (actions - mean) * torch.exp(-log_std)
+        logp = -0.5 * (z * z).sum(-1) - log_std.sum(-1) - 0.5 * self.act_dim * math.log(2 * math.pi)
+        return actions, logp
+
     def kl(self, old: Params, new: Params, obs: Tensor) -> Tensor:
         """Per-state ``KL(π_old(·|s) ‖ π_new(·|s))``."""
         return torch.distributions.kl_divergence(self.distribution(old, obs), self.distribution(new, obs))
@@ -130,6 +149,14 @@ class CategoricalMLPPolicy:
         """``(action, log_prob of it)`` from one pass of the MLP and one log-softmax, by inverse-CDF
         sampling with ``noise`` uniform in [0, 1) of shape ``(...)``."""
         log_probs = torch.log_softmax(_mlp(params, obs, len(self.hidden) + 1), -1)
+        cdf = log_probs.exp().cumsum(-1)
+        actions = torch.searchsorted(cdf, noise.unsqueeze(-1).to(cdf.dtype)).squeeze(-1).clamp_(max=self.n_actions - 1)
+        return actions, self._pick(log_probs, actions)
+
+    def sample_stacked(self, params: Params, obs: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`sample` for ``K`` policies at once (``params`` stacked ``(K, ...)``, ``obs`` ``(K, E, obs_dim)``,
+        ``noise`` ``(K, E)``)."""
+        log_probs = torch.log_softmax(_mlp_stacked(params, obs, len(self.hidden) + 1), -1)
         cdf = log_probs.exp().cumsum(-1)
         actions = torch.searchsorted(cdf, noise.unsqueeze(-1).to(cdf.dtype)).squeeze(-1).clamp_(max=self.n_actions - 1)
         return actions, self._pick(log_probs, actions)

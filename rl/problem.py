@@ -1,28 +1,47 @@
-"""Meta-RL as a bilevel problem that every core algorithm solves: the proximal form (iMAML-style).
+"""Meta-RL as a bilevel problem that every core algorithm solves, in two forms.
 
 Upper variable ``x``: the meta-policy's parameters. Lower variable ``y``: one policy per training task
-(a fixed set of ``train_tasks`` tasks drawn from ``seed``; parameters stacked on a leading task axis),
+(a fixed set of ``train_tasks`` tasks drawn from ``seed``; parameters stacked on a leading task axis).
+``J_k`` is the expected return of task ``k``, ``H`` the horizon, ``Ŝ_k`` a surrogate of ``J_k/H`` on
+sampled episodes (:func:`bilevel_ray.rl.estimators.surrogate`: ProMP's LVC, the default, or DiCE).
 
-    y*(x) = argmin_y  g(x, y) = Σ_k [ -J_k(y_k)/H + reg/2 ‖y_k - x‖² ]   (strongly convex for reg > curvature of J/H)
-    min_x   f(x, y*(x)) = (1/M) Σ_k -J_k(y*_k(x))/H
+``form: maml`` (the default) makes the lower level the adaptation that is evaluated (MAML, Finn et
+al. 2017, one policy-gradient step of size ``α = adapt_lr``), written as a quadratic problem:
 
-with ``J_k`` the expected return of task ``k``, ``M`` tasks and ``H`` the horizon (per-step returns). On
-a minibatch ``B`` of tasks the return terms are estimated — ``(M/|B|) Σ_{k∈B}`` in ``g``, the mean over
-``B`` in ``f`` — by the DiCE surrogate of episodes sampled by the current ``y_k`` (importance-weighted,
-soft-clipped, where an inner loop has moved ``y`` since), so gradients, Hessian-vector products and
-cross derivatives are unbiased at the sampling point; the proximal term is exact (every row:
-``∇²_yy g ⪰ (reg - curvature) I``).
+    g(x, y) = Σ_{k∈B} λ/2 ‖y_k − x − α∇Ŝ_k(x)‖²          y*_k(x) = x + α∇Ŝ_k(x)
+    f(x, y) = (1/|B|) Σ_{k∈B} −Ŝ'_k(y_k)
+
+on a minibatch ``B`` of tasks: ``Ŝ_k`` on episodes of ``x`` (before adaptation), ``Ŝ'_k`` on episodes of
+the adapted policies ``x + α∇Ŝ_k(x)`` (after; ``post_episodes: adapted``, MAML's data, on-policy for
+algorithms that solve the lower level before using ``f``, such as DSBO) or of the current rows ``y_k``
+(``post_episodes: lower``, on-policy for single-loop methods that use ``f`` at the current ``y``, such
+as SOBA). ``∇²_yy g = λI``, so a lower step of ``1/λ`` lands on
+``y*`` and the hypergradient ``∇_x f − ∇²_xy g [∇²_yy g]⁻¹ ∇_y f = (I + α∇²Ŝ(x)) ∇_y f`` is MAML's
+meta-gradient. A step's data are one meta-batch, drawn at its first ``sample`` and shared by both
+levels (as MAML's collection: episodes of ``x``, adaptation, episodes of the adapted policies).
+
+``form: proximal`` is the iMAML-style problem (Rajeswaran et al. 2019), solved approximately in the
+budget:
+
+    g(x, y) = Σ_k [ -J_k(y_k)/H + λ/2 ‖y_k - x‖² ]       f(x, y) = (1/M) Σ_k -J_k(y_k)/H
+
+the return terms estimated on minibatches of tasks (``(M/|B|) Σ_{k∈B}`` in ``g``), episodes sampled by
+the current ``y_k`` (importance-weighted, soft-clipped, where an inner loop has moved ``y`` since).
 
 The data are *on-policy*: an algorithm step sees :meth:`MetaRLTask.at` ``(x, y)`` — a problem whose
-samplers run the rollouts with that ``y`` (see :func:`bilevel_ray.problem.bind`). Agents (decentralized
+samplers run the rollouts at that iterate (see :func:`bilevel_ray.problem.bind`). Agents (decentralized
 runs) each own a disjoint share of the training tasks and sample their own rollouts.
+:meth:`MetaRLTask.divergence` (mean KL between two meta-policies on a batch's states) is what the
+algorithms' trust region (``algorithm.max_kl``) bounds.
 """
 
 from __future__ import annotations
 
 import functools
+import time
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple, Sequence
+from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -32,9 +51,11 @@ from bilevel_ray.params import hp
 from bilevel_ray.tasks import Task, register_task
 from bilevel_ray.tree import PyTree
 
-__all__ = ["MetaRLTask", "TaskIndexSampler", "RLBatch", "proximal_adapt", "rollout_sampler"]
+__all__ = ["MetaRLTask", "TaskIndexSampler", "RLBatch", "MetaBatch", "FORMS", "adapt_policies", "rollout_sampler"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: the two bilevel forms of meta-RL (see the module docstring)
+FORMS = ("maml", "proximal")
 
 
 @functools.lru_cache(maxsize=8)
@@ -68,8 +89,8 @@ class TaskIndexSampler:
 
 
 class RLBatch(NamedTuple):
-    """Episodes of some training tasks, each sampled by that task's current lower-level policy, and
-    the tasks they were drawn among (``among``: the agent's share)."""
+    """Proximal form: episodes of some training tasks, each sampled by that task's current lower-level
+    policy, and the tasks they were drawn among (``among``: the agent's share)."""
 
     indices: tuple[int, ...]
     episodes: tuple[Any, ...]      # Episodes per task
@@ -77,9 +98,26 @@ class RLBatch(NamedTuple):
     among: tuple[int, ...]
 
 
+class MetaBatch(NamedTuple):
+    """MAML form: one meta-batch — per task, episodes of the meta-policy ``x`` (``pre``), the policy that
+    sampled ``post`` (``post_policies``: the adapted ``x + α∇Ŝ(x)``, or the row ``y_k``) and its
+    episodes (``post``), with their advantages."""
+
+    indices: tuple[int, ...]
+    pre: tuple[Any, ...]
+    pre_advantages: tuple[Tensor, ...]
+    post_policies: tuple[dict[str, Tensor], ...]
+    post: tuple[Any, ...]
+    post_advantages: tuple[Tensor, ...]
+
+
+def _row(y: PyTree, k: int) -> dict[str, Tensor]:
+    return {name: t[k] for name, t in y.items()}
+
+
 @dataclass(frozen=True)
 class _Rollouts:
-    """A bound sampler: draws task indices, then runs their episodes under the bound ``y`` rows."""
+    """Proximal form's bound sampler: draws task indices, then runs their episodes under the bound ``y``."""
 
     task: "MetaRLTask"
     index: TaskIndexSampler
@@ -95,37 +133,85 @@ class _Rollouts:
         return self.task.rollouts(self.y, self.index.full(), seed=0, among=self.index.indices)
 
 
+class _StepBatch:
+    """MAML form's bound sampler: the step's one meta-batch, collected at ``x`` on the first ``sample``
+    (task indices and episode seed from that call's generator) and returned by every later call of
+    either level, so that ``f`` and ``g`` see the same tasks, as in MAML."""
+
+    num_batches = None
+
+    def __init__(self, task: "MetaRLTask", index: TaskIndexSampler, x: PyTree, y: PyTree):
+        self.task, self.index, self.x, self.y = task, index, x, y
+        self._batch: MetaBatch | None = None
+
+    def sample(self, rng: np.random.Generator) -> tuple[int, MetaBatch]:
+        if self._batch is None:
+            _, idx = self.index.sample(rng)
+            self._batch = self.task.collect(self.x, self.y, idx, seed=int(rng.integers(2**62)))
+        return -1, self._batch
+
+    def full(self) -> MetaBatch:
+        return self.task.collect(self.x, self.y, self.index.full(), seed=0)
+
+
 class _Bound:
-    """The problem one algorithm step sees: the task's objectives, rollouts under the bound ``y``."""
+    """The problem one algorithm step sees: the task's objectives, with rollouts at the bound iterate."""
 
-    def __init__(self, task: "MetaRLTask", y: PyTree, inner: TaskIndexSampler, outer: TaskIndexSampler):
+    def __init__(self, task: "MetaRLTask", x: PyTree, y: PyTree, inner: TaskIndexSampler, outer: TaskIndexSampler):
         self.meta_rl, self.task_indices = task, inner
-        self.inner, self.outer = _Rollouts(task, inner, y), _Rollouts(task, outer, y)
-        self.f, self.g, self.init = task.f, task.g, task.init
+        if task.form == "maml":
+            self.inner = self.outer = _StepBatch(task, inner, x, y)
+        else:
+            self.inner, self.outer = _Rollouts(task, inner, y), _Rollouts(task, outer, y)
+        self.f, self.g, self.init, self.divergence = task.f, task.g, task.init, task.divergence
 
 
-def _row(y: PyTree, k: int) -> dict[str, Tensor]:
-    return {name: t[k] for name, t in y.items()}
+def _policy_gradients(surrogates: Callable[[dict[str, Tensor]], Tensor], x: dict[str, Tensor],
+                      n: int) -> list[dict[str, Tensor]]:
+    """``[∇S_k(x)]_k`` for ``surrogates(p) = Σ_k S_k(p_k)`` over ``n`` copies ``p_k`` of ``x``: every
+    task's gradient from one reverse pass, differentiable in ``x`` when ``x`` carries a graph (or a
+    ``torch.func`` transform), a constant otherwise."""
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    if peek is not None and peek() is not None:  # inside torch.func: gradients as a transform
+        copies = {k: v.unsqueeze(0).expand(n, *v.shape) for k, v in x.items()}
+        stacked = torch.func.grad(surrogates)(copies)
+        return [{k: v[i] for k, v in stacked.items()} for i in range(n)]
+    graph = any(v.requires_grad for v in x.values())
+    with torch.enable_grad():
+        base = x if graph else {k: v.detach().requires_grad_(True) for k, v in x.items()}
+        copies = {k: v.unsqueeze(0).expand(n, *v.shape) for k, v in base.items()}
+        names = list(copies)
+        grads = torch.autograd.grad(surrogates(copies), [copies[k] for k in names], create_graph=graph)
+    return [{k: g[i] for k, g in zip(names, grads)} for i in range(n)]
 
 
 @register_task("meta_rl")
 @dataclass(frozen=True)
 class MetaRLTask(Task):
-    """Proximal meta-RL on a meta-environment (see the module docstring)."""
+    """Meta-RL on a meta-environment, MAML or proximal form (see the module docstring)."""
 
     label_column: ClassVar[None] = None
 
     env: str = hp("BilevelRay/Navigation2D-v0", doc="gymnasium id of a meta-environment")
+    form: str = hp("maml", choices=FORMS, doc="lower level: maml (y* = one policy-gradient step of size adapt_lr "
+                                              "from x, the adaptation that is evaluated) or proximal (iMAML-style)")
+    post_episodes: str = hp("adapted", choices=("adapted", "lower"),
+                            doc="maml form: f's episodes come from the adapted policies x + α∇Ŝ(x) (methods that "
+                                "solve y first, DSBO) or from the current rows y_k (single-loop methods, SOBA)")
+    estimator: str = hp("lvc", choices=("lvc", "dice"),
+                        doc="second-order surrogate: lvc (ProMP's low-variance curvature) or dice (unbiased)")
     horizon: int | None = hp(None, low=0, doc="episode length (default: the environment's time limit)")
     train_tasks: int = hp(40, low=1, strict=False, doc="fixed training tasks (the rows of y)")
     meta_batch: int = hp(10, low=1, strict=False, doc="tasks per minibatch")
     episodes: int = hp(10, low=1, strict=False, doc="episodes per task in a minibatch")
     width: int = hp(100, low=1, strict=False, doc="hidden units per layer of the policy")
     depth: int = hp(2, low=0, strict=False, doc="hidden layers of the policy")
-    reg: float = hp(10.0, low=0, doc="λ of the proximal term (1/λ is the adaptation step size)")
+    adapt_lr: float = hp(0.1, low=0, doc="α, the policy-gradient adaptation step (maml form, metrics and eval)")
+    reg: float = hp(10.0, low=0, doc="λ: maml form, the curvature of g (a lower step of 1/λ solves it); "
+                                     "proximal form, the proximal weight (1/λ is its adaptation step)")
     gamma: float = hp(0.99, low=0, high=1, strict=False, doc="discount of the advantages")
     gae_lambda: float = hp(1.0, low=0, high=1, strict=False, doc="GAE λ (1: returns minus the linear baseline)")
-    adapt_steps: int = hp(1, low=1, strict=False, doc="proximal steps adapting x to a held-out task (metrics, eval)")
+    adapt_steps: int = hp(1, low=1, strict=False, doc="adaptation steps of the metrics (held-out tasks)")
     eval_tasks: int = hp(20, low=1, strict=False, doc="held-out tasks of the metrics (fixed set)")
     eval_episodes: int = hp(10, low=1, strict=False, doc="episodes per held-out task and adaptation step")
     max_log_ratio: float | None = hp(2.0, low=0, doc="soft clip of the importance log-ratios away from the sampling "
@@ -143,6 +229,8 @@ class MetaRLTask(Task):
         every = TaskIndexSampler(tuple(range(self.train_tasks)), self.meta_batch)
         object.__setattr__(self, "inner", every)
         object.__setattr__(self, "outer", every)
+        #: seconds this process spent in each phase of the data (rollouts, advantages), for profiles
+        object.__setattr__(self, "timings", Counter())
 
     # -- rollouts --------------------------------------------------------------------------------------
     @property
@@ -157,47 +245,113 @@ class MetaRLTask(Task):
     def policy(self):
         return self.sampler.policy
 
-    def _advantages(self, eps) -> Tensor:
+    @property
+    def adaptation_lr(self) -> float:
+        """The policy-gradient step that adapts a meta-policy: ``adapt_lr`` (maml form), ``1/reg`` (proximal)."""
+        return self.adapt_lr if self.form == "maml" else 1.0 / self.reg
+
+    def _sample(self, params: Any, tasks: list[dict], seed: int) -> Any:
+        start = time.perf_counter()
+        eps = self.sampler.sample(params, tasks, self.episodes, seed=seed)
+        self.timings["rollouts"] += time.perf_counter() - start
+        return eps
+
+    def _split(self, eps: Any, tasks: int) -> tuple[tuple[Any, ...], tuple[Tensor, ...]]:
+        """A task-major request's episodes and advantages per task (one baseline per task, fitted together)."""
         from bilevel_ray.rl.estimators import advantages
 
-        return advantages(eps.obs, eps.rewards, eps.mask, gamma=self.gamma, lam=self.gae_lambda)
+        start = time.perf_counter()
+        adv = advantages(eps.obs, eps.rewards, eps.mask, gamma=self.gamma, lam=self.gae_lambda, groups=tasks)
+        self.timings["advantages"] += time.perf_counter() - start
+        per = adv.shape[1] // tasks
+        return (tuple(eps.select(range(k * per, (k + 1) * per)) for k in range(tasks)),
+                tuple(adv[:, k * per:(k + 1) * per] for k in range(tasks)))
 
     def rollouts(self, y: PyTree, indices: Sequence[int], *, seed: int, among: Sequence[int] | None = None) -> RLBatch:
         """``episodes`` episodes of each training task in ``indices`` (drawn among ``among``, default all)
         under its row of ``y``."""
         indices = [int(k) for k in indices]
-        eps = self.sampler.sample([_row(y, k) for k in indices], [self.train[k] for k in indices], self.episodes,
-                                  seed=seed)
-        per_task = tuple(eps.of_task(i) for i in range(len(indices)))
+        eps = self._sample([_row(y, k) for k in indices], [self.train[k] for k in indices], seed)
         among = tuple(range(self.train_tasks)) if among is None else tuple(int(k) for k in among)
-        return RLBatch(tuple(indices), per_task, tuple(self._advantages(e) for e in per_task), among)
+        return RLBatch(tuple(indices), *self._split(eps, len(indices)), among)
 
+    def collect(self, x: PyTree, y: PyTree, indices: Sequence[int], *, seed: int) -> MetaBatch:
+        """MAML form's meta-batch on training tasks ``indices``: episodes of ``x`` (seed ``(seed, 0)``),
+        then episodes (seed ``(seed, 1)``) of the adapted policies ``x + α∇Ŝ_k(x)`` or, with
+        ``post_episodes: lower``, of the rows ``y_k``."""
+        indices = tuple(int(k) for k in indices)
+        tasks = [self.train[k] for k in indices]
+        x = {k: v.detach() for k, v in x.items()}
+        pre, pre_adv = self._split(self._sample(x, tasks, (seed, 0)), len(indices))
+        if self.post_episodes == "adapted":
+            steps = self._adaptation_steps(x, pre, pre_adv)
+            policies = tuple({k: x[k] + self.adapt_lr * d[k].detach() for k in x} for d in steps)
+        else:
+            policies = tuple({n: t.detach() for n, t in _row(y, k).items()} for k in indices)
+        post, post_adv = self._split(self._sample(list(policies), tasks, (seed, 1)), len(indices))
+        return MetaBatch(indices, pre, pre_adv, policies, post, post_adv)
+
+    # -- the bilevel problem ---------------------------------------------------------------------------
     def at(self, x: PyTree, y: PyTree, *, step: int, rank: int, inner: TaskIndexSampler | None = None,
            outer: TaskIndexSampler | None = None) -> _Bound:
         """The problem a step at ``(x, y)`` sees (on the agent's task shares ``inner``/``outer``)."""
-        return _Bound(self, y, inner or self.inner, outer or self.outer)
+        return _Bound(self, x, y, inner or self.inner, outer or self.outer)
 
-    # -- the bilevel problem ---------------------------------------------------------------------------
-    def _surrogates(self, y: PyTree, batch: RLBatch) -> list[Tensor]:
-        from bilevel_ray.rl.estimators import dice_surrogate
+    def _surrogate(self, params: dict[str, Tensor], eps: Any, adv: Tensor) -> Tensor:
+        """``Ŝ(params)``: the per-step return's surrogate on ``eps``, importance-weighted by their sampler."""
+        from bilevel_ray.rl.estimators import surrogate
 
-        if not isinstance(batch, RLBatch):
-            raise TypeError("meta_rl: objectives need rollouts; step on bilevel_ray.problem.bind(task, state), "
-                            "as the backends do")
-        out = []
-        for k, eps, adv in zip(batch.indices, batch.episodes, batch.advantages):
-            logp = self.policy.log_prob(_row(y, k), eps.obs, eps.actions)
-            out.append(dice_surrogate(logp, adv, eps.mask, eps.log_probs, self.max_log_ratio) / eps.mask.shape[0])
-        return out
+        logp = self.policy.log_prob(params, eps.obs, eps.actions)
+        return surrogate(self.estimator, logp, adv, eps.mask, eps.log_probs, self.max_log_ratio) / eps.mask.shape[0]
 
-    def g(self, x: PyTree, y: PyTree, batch: RLBatch) -> Tensor:
-        returns = torch.stack(self._surrogates(y, batch)).sum() * (len(batch.among) / len(batch.indices))
+    def _adaptation_steps(self, x: dict[str, Tensor], episodes: Sequence[Any],
+                          advantages: Sequence[Tensor]) -> list[dict[str, Tensor]]:
+        """``∇Ŝ_k(x)`` for each task's episodes of ``x`` (differentiable in ``x`` when it has a graph)."""
+        def total(copies: dict[str, Tensor]) -> Tensor:
+            return sum(self._surrogate({k: v[i] for k, v in copies.items()}, e, a)
+                       for i, (e, a) in enumerate(zip(episodes, advantages)))
+
+        return _policy_gradients(total, x, len(episodes))
+
+    def _check(self, batch: Any, kind: type) -> None:
+        if not isinstance(batch, kind):
+            raise TypeError(f"meta_rl: the {self.form} form's objectives need a {kind.__name__} of rollouts; step "
+                            f"on bilevel_ray.problem.bind(task, state), as the backends do")
+
+    def g(self, x: PyTree, y: PyTree, batch: RLBatch | MetaBatch) -> Tensor:
+        if self.form == "maml":
+            self._check(batch, MetaBatch)
+            steps = self._adaptation_steps(x, batch.pre, batch.pre_advantages)
+            total = sum(((y[n][k] - x[n] - self.adapt_lr * d[n]) ** 2).sum()
+                        for k, d in zip(batch.indices, steps) for n in x)
+            return 0.5 * self.reg * total
+        self._check(batch, RLBatch)
+        returns = torch.stack([self._surrogate(_row(y, k), e, a) for k, e, a in
+                               zip(batch.indices, batch.episodes, batch.advantages)]).sum()
+        returns = returns * (len(batch.among) / len(batch.indices))
         rows = None if len(batch.among) == self.train_tasks else torch.tensor(batch.among)
         prox = sum((((y[n] if rows is None else y[n][rows]) - x[n]) ** 2).sum() for n in x)
         return -returns + 0.5 * self.reg * prox
 
-    def f(self, x: PyTree, y: PyTree, batch: RLBatch) -> Tensor:
-        return -torch.stack(self._surrogates(y, batch)).mean()
+    def f(self, x: PyTree, y: PyTree, batch: RLBatch | MetaBatch) -> Tensor:
+        if self.form == "maml":
+            self._check(batch, MetaBatch)
+            parts = zip(batch.indices, batch.post, batch.post_advantages)
+        else:
+            self._check(batch, RLBatch)
+            parts = zip(batch.indices, batch.episodes, batch.advantages)
+        return -torch.stack([self._surrogate(_row(y, k), e, a) for k, e, a in parts]).mean()
+
+    def divergence(self, x_old: PyTree, x_new: PyTree, batch: RLBatch | MetaBatch) -> Tensor:
+        """Mean ``KL(π_{x_old}(·|s) ‖ π_{x_new}(·|s))`` over the states of ``batch`` (the meta-policy's
+        episodes in the maml form, the lower-level policies' in the proximal form)."""
+        episodes = batch.pre if isinstance(batch, MetaBatch) else batch.episodes
+        total, count = 0.0, 0.0
+        for eps in episodes:
+            kl = self.policy.kl(x_old, x_new, eps.obs)
+            total = total + (kl * eps.mask).sum()
+            count = count + eps.mask.sum()
+        return total / count
 
     def init(self, *, seed: int = 0) -> tuple[PyTree, PyTree]:
         x = self.policy.init(seed=seed, dtype=DTYPES[self.dtype])
@@ -220,33 +374,36 @@ class MetaRLTask(Task):
         from bilevel_ray.rl.metapolicy import MetaPolicy
 
         return MetaPolicy(self.env, self.sampler.horizon, self.hidden, {k: v.detach() for k, v in x.items()},
-                          self.reg, self.adapt_steps, self.gamma, self.gae_lambda)
+                          self.adaptation_lr, self.adapt_steps, self.gamma, self.gae_lambda)
 
     def metrics(self, x: PyTree, y: PyTree) -> dict[str, float]:
         """On the fixed held-out tasks: mean return of ``x`` before (``pre_return``) and after
-        (``post_return``) ``adapt_steps`` proximal steps; ``outer_objective = -post_return / H``;
-        ``lower_return``: the lower-level policies on their first ``eval_tasks`` training tasks."""
-        returns, _ = proximal_adapt(self.sampler, x, self.held_out, steps=self.adapt_steps, reg=self.reg,
+        (``post_return``) ``adapt_steps`` policy-gradient steps of size :attr:`adaptation_lr`;
+        ``outer_objective = -post_return / H``; ``lower_return``: the lower-level policies on their
+        first ``eval_tasks`` training tasks."""
+        saved = Counter(self.timings)  # metrics are not part of a step's profile
+        returns, _ = adapt_policies(self.sampler, x, self.held_out, steps=self.adapt_steps, lr=self.adaptation_lr,
                                     episodes=self.eval_episodes, gamma=self.gamma, lam=self.gae_lambda,
                                     seed=(self.seed, 7))
         lower = self.rollouts(y, range(min(self.eval_tasks, self.train_tasks)), seed=self.seed + 11)
+        self.timings.clear()
+        self.timings.update(saved)
         horizon = self.sampler.horizon
         post = float(returns[-1].mean())
         return {"outer_objective": -post / horizon, "pre_return": float(returns[0].mean()), "post_return": post,
                 "lower_return": float(torch.cat([e.returns for e in lower.episodes]).mean())}
 
 
-def proximal_adapt(sampler: Any, x: PyTree, tasks: Sequence[dict], *, steps: int, reg: float, episodes: int,
+def adapt_policies(sampler: Any, x: PyTree, tasks: Sequence[dict], *, steps: int, lr: float, episodes: int,
                    gamma: float, lam: float, seed: int | tuple[int, ...]) -> tuple[Tensor, list[dict[str, Tensor]]]:
-    """Adapt ``x`` to each of ``tasks`` by ``steps`` gradient steps of size ``1/reg`` on the lower
-    objective ``-J/H + reg/2‖φ - x‖²``, fresh episodes each step (one step is MAML's VPG step of size
-    ``1/reg``). Returns the per-task mean returns before each step and after the last, ``(steps + 1, n)``,
-    and the adapted policies."""
+    """Adapt ``x`` to each of ``tasks`` by ``steps`` policy-gradient (VPG) steps of size ``lr`` on the
+    per-step return, fresh episodes each step: MAML's test-time adaptation, used for both forms (the
+    proximal form's own step from ``x``, of size ``1/λ``, is the first of these). Returns the per-task mean returns before each step and after the last, ``(steps + 1, n)``, and the
+    adapted policies."""
     from bilevel_ray.rl.estimators import advantages
     from bilevel_ray.rl.maml import Adaptation, adapt
 
-    # a step of size 1/reg on the lower objective from φ lands on x + ∇S(φ)/reg: the proximal term cancels
-    vpg = Adaptation(lr=1.0 / reg, steps=1, gamma=gamma, lam=lam)
+    vpg = Adaptation(lr=lr, steps=1, gamma=gamma, lam=lam)
     phis = [dict(x) for _ in tasks]
     out = []
     for s in range(steps + 1):
@@ -254,10 +411,7 @@ def proximal_adapt(sampler: Any, x: PyTree, tasks: Sequence[dict], *, steps: int
         out.append(torch.stack([eps.of_task(k).returns.mean() for k in range(len(tasks))]))
         if s == steps:
             break
-        new = []
-        for k, phi in enumerate(phis):
-            e = eps.of_task(k)
-            moved = adapt(sampler.policy, phi, e, advantages(e.obs, e.rewards, e.mask, gamma=gamma, lam=lam), vpg)
-            new.append({n: x[n].detach() + moved[n] - phi[n].detach() for n in phi})
-        phis = new
+        adv = advantages(eps.obs, eps.rewards, eps.mask, gamma=gamma, lam=lam, groups=len(tasks))
+        phis = [adapt(sampler.policy, phi, eps.select(range(k * episodes, (k + 1) * episodes)),
+                      adv[:, k * episodes:(k + 1) * episodes], vpg) for k, phi in enumerate(phis)]
     return torch.stack(out), phis

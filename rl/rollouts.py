@@ -1,7 +1,8 @@
 """Vectorized rollouts through gymnasium's vector environments.
 
 :class:`RolloutSampler` runs ``episodes_per_task`` episodes for each of a list of tasks in lockstep in
-one ``SyncVectorEnv`` (one sub-environment per episode) and returns time-major tensors. Episode ``j``
+one vector environment (one sub-environment per episode: the environment's native vectorized version
+where it registers one, else a ``SyncVectorEnv``) and returns time-major tensors. Episode ``j``
 (counted over the whole request, ``first_episode`` on) takes its reset seed and its action noise from
 ``(seed, j)`` alone, so splitting a request across processes (Ray rollout workers) gives the same
 episodes as running it in one.
@@ -92,16 +93,20 @@ class RolloutSampler:
         self.observation_space, self.action_space = probe.observation_space, probe.action_space
         self.policy = policy if policy is not None else make_policy(probe.observation_space, probe.action_space, hidden)
         self._task_sampler = probe
-        self._vecs: dict[int, gym.vector.SyncVectorEnv] = {}
+        self._vecs: dict[int, gym.vector.VectorEnv] = {}
 
     def sample_tasks(self, n: int, *, seed: int) -> list[Task]:
         return self._task_sampler.unwrapped.sample_tasks(n, seed=seed)
 
-    def _vector_env(self, n: int) -> gym.vector.SyncVectorEnv:
+    def _vector_env(self, n: int) -> gym.vector.VectorEnv:
         vec = self._vecs.pop(n, None)
         if vec is None:
             kwargs = self.env_kwargs
-            vec = gym.vector.SyncVectorEnv([lambda: make(self.env_id, **kwargs) for _ in range(n)], copy=False)
+            spec = gym.spec(self.env_id)
+            if spec.vector_entry_point is not None:  # natively vectorized (one numpy step for all copies)
+                vec = gym.make_vec(self.env_id, num_envs=n, vectorization_mode="vector_entry_point", **kwargs)
+            else:
+                vec = gym.vector.SyncVectorEnv([lambda: make(self.env_id, **kwargs) for _ in range(n)], copy=False)
             if len(self._vecs) >= self.KEEP:
                 self._vecs.pop(next(iter(self._vecs))).close()
         self._vecs[n] = vec  # most recent last
@@ -122,8 +127,11 @@ class RolloutSampler:
         n = len(tasks) * episodes_per_task
         dtype = next(iter((params[0] if per_task else params).values())).dtype
         vec = self._vector_env(n)
-        for i, env in enumerate(vec.envs):
-            env.unwrapped.set_task(tasks[i // episodes_per_task])
+        if hasattr(vec, "set_tasks"):
+            vec.set_tasks([tasks[i // episodes_per_task] for i in range(n)])
+        else:
+            for i, env in enumerate(vec.envs):
+                env.unwrapped.set_task(tasks[i // episodes_per_task])
         key = [int(seed)] if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
         rngs = [np.random.default_rng([*key, first_episode + i]) for i in range(n)]
         reset_seeds = [int(r.integers(2**31)) for r in rngs]
@@ -134,14 +142,17 @@ class RolloutSampler:
         box = isinstance(self.action_space, gym.spaces.Box)
         obs, actions, rewards, mask, logp = [], [], [], [], []
         alive = np.ones(n, dtype=bool)
-        # The policy runs on each task's episodes as one batch even when the tasks share it: a matmul's
-        # float rounding can depend on its number of rows, and Ray workers split a request by task.
-        policies = params if per_task else [params] * len(tasks)
-        groups = [slice(k * episodes_per_task, (k + 1) * episodes_per_task) for k in range(len(tasks))]
+        # All tasks' policies run as one batched pass, (tasks, episodes per task, ·), also where the tasks
+        # share one policy: a task's episodes then go through the same batched kernel whichever other tasks
+        # are in the request (Ray workers split a request by task).
+        k = len(tasks)
+        stacked = ({name: torch.stack([p[name] for p in params]) for name in params[0]} if per_task
+                   else {name: v.unsqueeze(0).expand(k, *v.shape) for name, v in params.items()})
         for t in range(self.horizon):
             o = torch.tensor(obs_np, dtype=dtype)  # a copy: the vector env reuses its buffer
-            a, lp = (torch.cat(part) for part in zip(*(self.policy.sample(p, o[g], noise[t, g])
-                                                        for p, g in zip(policies, groups))))
+            a, lp = self.policy.sample_stacked(stacked, o.reshape(k, episodes_per_task, -1),
+                                               noise[t].reshape(k, episodes_per_task, *noise.shape[2:]))
+            a, lp = a.reshape(n, *a.shape[2:]), lp.reshape(n)
             logp.append(lp)
             a_np = a.numpy()
             if box:

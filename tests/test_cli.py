@@ -93,7 +93,8 @@ def test_run_writes_csv_json_png_and_config(config_file: Path, tmp_path: Path, c
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["algorithm"] == {"name": "soba", "inner_lr": 0.5, "outer_lr": 0.5, "schedule": "constant",
-                                     "horizon": 0, "outer_opt": "sgd", "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+                                     "horizon": 0, "outer_opt": "sgd", "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
+                                     "max_kl": 0.0, "trust_steps": 10}
     assert resolved["run"]["out_dir"] == str(out) and resolved["task"]["dim_x"] == 3
     assert load_config(out / "config.yaml").to_dict() == resolved
 

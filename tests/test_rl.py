@@ -520,3 +520,51 @@ def test_soft_clipped_importance_weights_keep_gradient_and_hessian_at_the_sampli
     assert log_ratio.abs().max() > 5  # far from the sampling policy the raw weights explode ...
     bound = float(adv.abs().max() * eps.mask.sum(0).max()) * (math.exp(0.5) + 1)
     assert abs(float(surrogate(far, 0.5))) <= bound  # ... the clipped ones stay below e^c
+
+
+def test_native_vector_navigation_matches_the_single_environment_bit_for_bit():
+    """gymnasium's vector_entry_point of 2-D navigation gives the same episodes as a SyncVectorEnv of the
+    registered environment (positions, rewards, truncation), and splits by task like it."""
+    from bilevel_ray.rl.navigation import Navigation2DVectorEnv
+
+    sampler = RolloutSampler("BilevelRay/Navigation2D-v0", hidden=(8,))
+    params = sampler.policy.init(seed=0)
+    tasks = sampler.sample_tasks(3, seed=0)
+    native = sampler.sample(params, tasks, 4, seed=1)
+    assert isinstance(sampler._vector_env(12), Navigation2DVectorEnv)
+    sampler._vecs[12] = gym.vector.SyncVectorEnv([lambda: rl.make("BilevelRay/Navigation2D-v0") for _ in range(12)])
+    reference = sampler.sample(params, tasks, 4, seed=1)
+    for name in native._fields:
+        assert torch.equal(getattr(native, name), getattr(reference, name)), name
+    assert native.mask.shape[0] == 100 and bool(native.mask.all())
+    vec = Navigation2DVectorEnv(2, max_episode_steps=3)
+    with pytest.raises(ValueError, match=r"Navigation2DVectorEnv.set_task: task\['goal_y'\] must be in"):
+        vec.set_tasks([{"goal_x": 0.0, "goal_y": 0.0}, {"goal_x": 0.0, "goal_y": 9.0}])
+    with pytest.raises(ValueError, match="env.tasks: need 2 tasks, one per sub-environment, got 1"):
+        vec.set_tasks([{"goal_x": 0.0, "goal_y": 0.0}])
+    vec.reset(seed=0)
+    truncated = [vec.step(np.zeros((2, 2)))[3] for _ in range(3)]
+    assert [bool(t.all()) for t in truncated] == [False, False, True]
+
+
+def test_policies_sample_many_tasks_in_one_batched_pass_like_one_by_one():
+    sampler = RolloutSampler("BilevelRay/Navigation2D-v0", hidden=(16, 16))
+    tasks = sampler.sample_tasks(6, seed=0)
+    params = [{k: v + 0.05 * i for k, v in sampler.policy.init(seed=i).items()} for i in range(6)]
+    whole = sampler.sample(params, tasks, 3, seed=2)
+    part = sampler.sample(params[2:5], tasks[2:5], 3, seed=2, first_episode=6)
+    for name in ("obs", "actions", "log_probs", "rewards"):
+        assert torch.equal(getattr(whole, name)[:, 6:15], getattr(part, name)), name
+    for k in range(6):  # the recorded log-probabilities are the policy's own
+        e = whole.of_task(k)
+        assert torch.allclose(sampler.policy.log_prob(params[k], e.obs, e.actions), e.log_probs, atol=1e-5)
+
+
+def test_advantages_of_many_tasks_in_one_pass_equal_each_task_alone():
+    sampler = RolloutSampler("BilevelRay/Navigation2D-v0", horizon=30, hidden=(8,))
+    eps = sampler.sample(sampler.policy.init(seed=0), sampler.sample_tasks(4, seed=0), 5, seed=3)
+    together = advantages(eps.obs, eps.rewards, eps.mask, groups=4)
+    alone = torch.cat([advantages(eps.of_task(k).obs, eps.of_task(k).rewards, eps.of_task(k).mask) for k in range(4)], 1)
+    assert torch.allclose(together, alone, atol=1e-5)
+    with pytest.raises(ValueError, match="rl.groups: 20 episodes do not split into 3 equal groups"):
+        advantages(eps.obs, eps.rewards, eps.mask, groups=3)

@@ -1,5 +1,5 @@
-"""The proximal meta-RL problem (task ``meta_rl``): its implicit hypergradient, agents' task shares,
-bad settings, and the CLI."""
+"""The proximal form of the meta-RL problem (task ``meta_rl``, ``form: proximal``): its implicit
+hypergradient, agents' task shares, bad settings, and the CLI."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from bilevel_ray import oracles, tree
 from bilevel_ray.problem import bind_at
 from bilevel_ray.tasks import make_task
 
-SMALL = dict(train_tasks=2, meta_batch=2, episodes=3, horizon=6, width=3, depth=1, eval_tasks=2, eval_episodes=2)
+SMALL = dict(train_tasks=2, meta_batch=2, episodes=3, horizon=6, width=3, depth=1, eval_tasks=2, eval_episodes=2,
+             form="proximal")
 
 
 def test_implicit_hypergradient_matches_finite_differences_of_the_solved_problem():
@@ -83,8 +84,12 @@ def test_objectives_refuse_unbound_batches():
     task = make_task("meta_rl", **SMALL)
     x, y = task.init(seed=0)
     _, idx = task.inner.sample(np.random.default_rng(0))
-    with pytest.raises(TypeError, match="meta_rl: objectives need rollouts; step on bilevel_ray.problem.bind"):
+    with pytest.raises(TypeError, match="meta_rl: the proximal form's objectives need a RLBatch of rollouts; step on "
+                                        "bilevel_ray.problem.bind"):
         task.f(x, y, idx)
+    maml = make_task("meta_rl", **{**SMALL, "form": "maml"})
+    with pytest.raises(TypeError, match="meta_rl: the maml form's objectives need a MetaBatch of rollouts"):
+        maml.g(x, y, idx)
 
 
 def test_cli_runs_meta_rl_and_evaluates_the_saved_meta_policy(tmp_path, capsys):
@@ -104,9 +109,15 @@ def test_cli_runs_meta_rl_and_evaluates_the_saved_meta_policy(tmp_path, capsys):
     capsys.readouterr()
     gif = tmp_path / "nav.gif"
     assert main(["eval", str(out / "learner.pt"), "--tasks", "3", "--episodes", "2", "--video", str(gif)]) == 0
-    text = capsys.readouterr().out
-    assert text.startswith("BilevelRay/Navigation2D-v0: 3 new tasks, 2 episodes each; mean return before adaptation ")
-    assert "after 1 step " in text and "gain " in text
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("BilevelRay/Navigation2D-v0: 3 new tasks, 2 episodes each, adaptation steps of 0.1 "
+                        "(95% intervals over tasks)")
+    assert lines[1].split() == ["adaptation", "steps", "mean", "return", "gain", "over", "0", "steps"]
+    assert [line.split()[0] for line in lines[2:4]] == ["0", "1"] and len(lines[2].split()) == 4
+    assert len(lines[3].split()) == 7  # step, mean ± half, gain ± half
+    capsys.readouterr()
+    assert main(["eval", str(out / "learner.pt"), "--tasks", "3", "--episodes", "2", "--adapt-steps", "3"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]] == ["0", "1", "2", "3"]
     from PIL import Image
 
     with Image.open(gif) as img:

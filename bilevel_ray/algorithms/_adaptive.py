@@ -3,6 +3,12 @@ Adam (Kingma & Ba, ICLR 2015) on the outer direction ``d``, ``x ← mix(x) − �
 outer step ``γ_t`` constant, or (``schedule: cosine``) decayed from ``outer_lr`` to 0 along a half cosine
 over ``horizon`` steps (Loshchilov & Hutter 2017).
 
+``max_kl > 0`` puts the outer step in a trust region, as TRPO and ProMP do for policies (Schulman et
+al. 2015; Rothfuss et al. 2019): on problems that define ``divergence(x_old, x_new, batch)`` (meta-RL:
+the mean KL between the two meta-policies on the batch's states), the step from ``mix(x)`` is halved
+until that divergence is at most ``max_kl`` (per agent), and dropped if ``trust_steps`` halvings do
+not get there. It works with either step rule and any schedule.
+
 Adam and the cosine decay are deep-learning practice, not from the bilevel papers; the papers'
 convergence results cover ``outer_opt: sgd`` with their own step sizes only. Adam's moments are per
 agent (each agent preconditions its own direction, as in DADAM, Nazari et al. 2022) and live in the
@@ -12,7 +18,7 @@ algorithm state, so that runs resume and restart exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -42,6 +48,9 @@ class AdaptiveOuter(Hyperparams):
     schedule: str = hp("constant", choices=("constant", "cosine"),
                        doc="outer step: constant, or cosine: γ_t = outer_lr·(1+cos(π t/horizon))/2 (not from the paper)")
     horizon: int = hp(0, low=0, strict=False, doc="steps of the cosine schedule (outer step 0 after them)")
+    max_kl: float = hp(0.0, low=0, strict=False,
+                       doc="trust region: largest divergence of an outer step (problems with divergence(); 0: off)")
+    trust_steps: int = hp(10, low=1, strict=False, doc="halvings of the outer step before it is dropped (max_kl > 0)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -49,6 +58,29 @@ class AdaptiveOuter(Hyperparams):
             raise ValueError(f"{self.section}.beta1: must be < 1, got {self.beta1!r}")
         if self.schedule == "cosine" and self.horizon < 1:
             raise ValueError(f"{self.section}.horizon: schedule cosine needs a horizon >= 1 (steps), got {self.horizon}")
+
+    def check_trust_region(self, problem: Any) -> None:
+        """One-line error where ``max_kl`` is set on a problem without ``divergence``."""
+        if self.max_kl > 0 and not callable(getattr(problem, "divergence", None)):
+            raise ValueError(f"{self.section}.max_kl: the trust region needs a problem with divergence(x_old, x_new, "
+                             f"batch) (meta_rl has one); this task has none, set max_kl: 0")
+
+    def outer_update(self, x: PyTree, direction: PyTree, step: float, problem: Any, batch: Any) -> PyTree:
+        """``x − step·direction``, inside the trust region around ``x`` when ``max_kl > 0`` (on
+        ``batch``'s states; per agent where the problem stacks agents)."""
+        new = tree.axpy(-step, direction, x)
+        if self.max_kl == 0:
+            return new
+        kl = problem.divergence(x, new, batch).detach()
+        scale = torch.ones_like(kl)
+        for _ in range(self.trust_steps):
+            outside = kl > self.max_kl
+            if not bool(outside.any()):
+                return new
+            scale = torch.where(outside, scale / 2, scale)
+            new = tree.axpy(-step * scale, direction, x)
+            kl = problem.divergence(x, new, batch).detach()
+        return tree.axpy(-step * torch.where(kl > self.max_kl, torch.zeros_like(scale), scale), direction, x)
 
     def outer_step_size(self, t: int) -> float:
         """``γ_t``, the outer step of step ``t`` (from 0) under ``schedule``."""

@@ -4,7 +4,8 @@ First order: from the current ``y``, ``T`` gradient steps on ``g(x, ·)`` give `
 value-function gap ``q(x, y) = g(x, y) − g(x, θ_T)`` is pushed down by a dynamic barrier
 ``λ = max(φ − <∇f, ∇q>, 0)/‖∇q‖²`` and ``(x, y) ← (x, y) − ξ(∇f + λ∇q)``. No HVP or JVP, so it works
 when the lower level is not strongly convex. ``outer_opt: adam`` preconditions the joint direction
-``(∇f + λ∇q)`` with Adam; ``schedule: cosine`` anneals ``ξ`` (:mod:`._adaptive`).
+``(∇f + λ∇q)`` with Adam; ``schedule: cosine`` anneals ``ξ``; ``max_kl`` bounds ``x``'s step in a trust
+region (:mod:`._adaptive`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class BOME(AdaptiveOuter):
     phi: str = hp("grad_norm", choices=("grad_norm", "value"), doc="φ = η‖∇q‖² or φ = η q")
 
     def init(self, problem: BilevelProblem, x: PyTree, y: PyTree, *, seed: int = 0, rank: int = 0) -> BOMEState:
+        self.check_trust_region(problem)
         return BOMEState(tree.detach(x), tree.detach(y), 0, seed, rank, Calls(), self.init_moments((x, y)))
 
     def step(self, s: BOMEState, problem: BilevelProblem, mix: Mix = identity_mix) -> BOMEState:
@@ -62,7 +64,7 @@ class BOME(AdaptiveOuter):
         lam = torch.clamp(phi - inner, min=0) / q_sq.clamp_min(torch.finfo(q_sq.dtype).tiny)
         (dx, dy), moments = self.precondition((tree.axpy(lam, qx, fx), tree.axpy(lam, qy, fy)), s.moments, s.t)
         xi = self.outer_step_size(s.t)
-        x = tree.axpy(-xi, dx, mix(s.x))
+        x = self.outer_update(mix(s.x), dx, xi, problem, bi)
         y = tree.axpy(-xi, dy, mix(s.y))
         calls = s.calls.add(grad_f=1, grad_g=self.inner_steps + 2)
         return BOMEState(tree.detach(x), tree.detach(y), s.t + 1, s.seed, s.rank, calls, tree.detach(moments))

@@ -12,8 +12,8 @@ centralized double-loop method with warm starts.
 ``y_i*(x) = argmin g_i(x, ·)`` (e.g. Lu et al., ICASSP 2022): ``y`` and ``z`` stay with their agent
 (no ``mix``); only ``x`` (and ``s``) are gossiped. It is the form for per-task lower levels such as
 few-shot heads, whose coordinates mean different classes at each agent. ``outer_opt: adam``
-preconditions the outer direction with Adam, per agent; ``schedule: cosine`` anneals ``α``
-(:mod:`._adaptive`).
+preconditions the outer direction with Adam, per agent; ``schedule: cosine`` anneals ``α``;
+``max_kl`` bounds the outer step in a trust region (:mod:`._adaptive`).
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ class DSBO(AdaptiveOuter):
     tracking = False
 
     def init(self, problem: BilevelProblem, x: PyTree, y: PyTree, *, seed: int = 0, rank: int = 0) -> DSBOState:
+        self.check_trust_region(problem)
         x, y = tree.detach(x), tree.detach(y)
         zx = tree.zeros_like(x)
         return DSBOState(x, y, tree.zeros_like(y), zx, zx, 0, seed, rank, Calls(), self.init_moments(x))
@@ -80,7 +81,7 @@ class DSBO(AdaptiveOuter):
         r = tree.lerp(s.r, u, self.tau)
         direction = tree.add(mix(s.s), tree.sub(r, s.r)) if self.tracking else r
         dx, moments = self.precondition(direction, s.moments, s.t)
-        x = tree.axpy(-self.outer_step_size(s.t), dx, mix(x))
+        x = self.outer_update(mix(x), dx, self.outer_step_size(s.t), problem, bi)
         calls = s.calls.add(grad_f=1, grad_g=self.inner_steps, hvp=self.linear_steps, jvp=1)
         return DSBOState(*tree.detach((x, y, z, r, direction)), s.t + 1, s.seed, s.rank, calls,
                          tree.detach(moments))

@@ -5,7 +5,8 @@
 The three first/second-order quantities of ``g`` come from one fused pass. Step sizes: the paper's
 decreasing ``ρ_t = ρ0/(t+1)^a``, ``γ_t = γ0/(t+1)^b``, or (``schedule="cosine"``, a deep-learning
 practice, not from the paper) a constant ``ρ`` with ``γ_t`` decayed to 0 along a half cosine over
-``horizon`` steps. ``outer_opt: adam`` preconditions ``D_x`` with Adam (:mod:`._adaptive`).
+``horizon`` steps. ``outer_opt: adam`` preconditions ``D_x`` with Adam, ``max_kl`` bounds the outer step in a trust
+region (:mod:`._adaptive`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class SOBA(AdaptiveOuter):
         return decay(self.inner_lr, t, a), decay(self.outer_lr, t, b)
 
     def init(self, problem: BilevelProblem, x: PyTree, y: PyTree, *, seed: int = 0, rank: int = 0) -> SOBAState:
+        self.check_trust_region(problem)
         return SOBAState(tree.detach(x), tree.detach(y), tree.zeros_like(y), 0, seed, rank, Calls(),
                          self.init_moments(x))
 
@@ -66,6 +68,6 @@ class SOBA(AdaptiveOuter):
         y = tree.axpy(-rho, gy, mix(s.y))
         v = tree.axpy(-rho, tree.add(hv, fy), mix(s.v))
         dx, moments = self.precondition(tree.add(jv, fx), s.moments, s.t)
-        x = tree.axpy(-gamma, dx, mix(s.x))
+        x = self.outer_update(mix(s.x), dx, gamma, problem, bi)
         calls = s.calls.add(grad_f=1, grad_g=1, hvp=1, jvp=1)
         return SOBAState(x, y, v, s.t + 1, s.seed, s.rank, calls, moments)

@@ -1,6 +1,7 @@
 """One interface over the three ways to run a config: a single process, the vectorized N-agent
 simulation and Ray actors. Each backend has ``step()`` (one outer round for every agent),
-``states()`` (per-agent states), ``bytes_last_round``, ``latency_last_round`` and ``close()``.
+``states()`` (per-agent states), ``bytes_last_round``, ``latency_last_round``, ``gossip_last_round``
+(seconds an agent spent mixing with its neighbours) and ``close()``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class SingleBackend:
         x, y = task.init(seed=seed)
         self.state = algo.init(bind_at(task, x, y), x, y, seed=seed, rank=0)
         self.bytes_last_round = 0
-        self.latency_last_round = 0.0
+        self.gossip_last_round = self.latency_last_round = 0.0
 
     def step(self) -> None:
         start = time.perf_counter()

@@ -74,6 +74,8 @@ class AgentProblem:
     def __getattr__(self, name: str) -> Any:
         if name == "at" and callable(getattr(self.task, "at", None)):  # on-policy tasks, on this agent's shares
             return lambda x, y, *, step, rank: self.task.at(x, y, step=step, rank=rank, inner=self.inner, outer=self.outer)
+        if name == "divergence" and callable(getattr(self.task, "divergence", None)):  # trust regions
+            return self.task.divergence
         raise AttributeError(name)
 
 
@@ -165,7 +167,13 @@ class StackedProblem:
     def __getattr__(self, name: str) -> Any:
         if name == "at" and callable(getattr(self.agents[0], "at", None)):  # on-policy: bind every agent
             return self._at
+        if name == "divergence" and callable(getattr(self.agents[0], "divergence", None)):  # one per agent
+            return self._divergence
         raise AttributeError(name)
+
+    def _divergence(self, x_old: PyTree, x_new: PyTree, batches: tuple[Batch, ...]) -> torch.Tensor:
+        return torch.stack([a.divergence(tree_map(lambda t: t[i], x_old), tree_map(lambda t: t[i], x_new), b)
+                            for i, (a, b) in enumerate(zip(self.agents, batches))])
 
     def _at(self, x: PyTree, y: PyTree, *, step: int, rank: tuple[int, ...]) -> "StackedProblem":
         return StackedProblem([a.at(tree_map(lambda t: t[i], x), tree_map(lambda t: t[i], y), step=step, rank=r)

@@ -44,7 +44,7 @@ class AgentWorker:
         x, y = problem.init(seed=seed)
         self.state = algo.init(bind_at(problem, x, y, rank=rank), x, y, seed=seed, rank=rank)
         self.transport = Transport(name, rank, transport)
-        self.gossip_round = 0
+        self.gossip_round, self.gossip_seconds = 0, 0.0
 
     def set_peers(self, peers: dict[int, Any], nodes: dict[int, str]) -> None:
         """Neighbour handles and the node each runs on (same-node peers gossip through shared memory)."""
@@ -77,7 +77,9 @@ class AgentWorker:
             flat = flats[0] if len(flats) == 1 else torch.cat(flats)
             r = self.gossip_round
             self.gossip_round += 1
+            start = time.perf_counter()
             received = self.transport.exchange(r, flat, neighbors)
+            self.gossip_seconds += time.perf_counter() - start
             out = torch.mul(flat, w_self)
             for w, other in zip(w_nb, received):
                 out.add_(other, alpha=w)
@@ -87,13 +89,19 @@ class AgentWorker:
 
         return mix
 
-    def step(self) -> dict[str, float]:
+    def step(self) -> dict[str, Any]:
+        """One round; reports the bytes sent, the round's seconds, those spent exchanging with neighbours
+        (``gossip``, waiting for them included) and the task's own phases (``phases``, e.g. rollouts)."""
         tr = self.transport
         start, sent, shared = time.perf_counter(), tr.bytes_sent, tr.bytes_shared
+        timings = getattr(self.problem.task, "timings", {})
+        before = dict(timings)
+        self.gossip_seconds = 0.0
         w = np.asarray(self.mixing_at(self.state.t), dtype=np.float64)
         self.state = self.algo.step(self.state, bind(self.problem, self.state), self._mix(w[self.rank]))
         return {"bytes": tr.bytes_sent - sent, "shared": tr.bytes_shared - shared,
-                "seconds": time.perf_counter() - start}
+                "seconds": time.perf_counter() - start, "gossip": self.gossip_seconds,
+                "phases": {k: v - before.get(k, 0.0) for k, v in timings.items()}}
 
     def get_state(self) -> Any:
         return self.state
@@ -140,7 +148,8 @@ class RayBackend:
         self.owns_ray = owns_ray  # close() also shuts down the Ray session this run started
         self.epoch = 0
         self.bytes_last_round = self.bytes_shared_last_round = 0
-        self.latency_last_round = 0.0
+        self.latency_last_round = self.gossip_last_round = 0.0
+        self.phases_last_round: dict[str, float] = {}
 
     def step(self) -> None:
         """One synchronous round. If an agent dies, the survivors abort the round, Ray restarts the
@@ -166,6 +175,10 @@ class RayBackend:
         self.latency_last_round = time.perf_counter() - start
         self.bytes_last_round = int(sum(r["bytes"] for r in reports))
         self.bytes_shared_last_round = int(sum(r["shared"] for r in reports))  # through shared memory
+        # per agent, averaged: seconds exchanging with neighbours, and the task's phases (profiles)
+        self.gossip_last_round = sum(r["gossip"] for r in reports) / len(reports)
+        self.phases_last_round = {k: sum(r["phases"].get(k, 0.0) for r in reports) / len(reports)
+                                  for k in reports[0]["phases"]}
 
     def _rewire(self, timeout: float = 120.0) -> None:
         """Wait for (restarted) actors to come up and give every actor its peers and their nodes."""

@@ -41,10 +41,14 @@ class MatrixMix:
         self.w = torch.tensor(np.asarray(w), dtype=torch.float64)
         self.edges = int(np.count_nonzero(w - np.diag(np.diag(w))))  # directed: one message each
         self.bytes = 0  # what a real gossip of these calls sends
+        self.seconds = 0.0
 
     def __call__(self, tree: PyTree) -> PyTree:
+        start = time.perf_counter()
         self.bytes += self.edges * sum(t[0].numel() * t.element_size() for t in _leaves(tree))
-        return tree_map(lambda t: torch.tensordot(self.w.to(t.dtype), t, dims=1), tree)
+        out = tree_map(lambda t: torch.tensordot(self.w.to(t.dtype), t, dims=1), tree)
+        self.seconds += time.perf_counter() - start
+        return out
 
 
 class SimBackend:
@@ -64,13 +68,14 @@ class SimBackend:
         ranks = tuple(range(self.n))
         self.state = algo.init(bind_at(self.problem, x, y, rank=ranks), x, y, seed=seed, rank=ranks)
         self.bytes_last_round = 0
-        self.latency_last_round = 0.0
+        self.gossip_last_round = self.latency_last_round = 0.0
 
     def step(self) -> None:
         start = time.perf_counter()
         mix = MatrixMix(self.mixing_at(self.state.t))
         self.state = self.algo.step(self.state, bind(self.problem, self.state), mix)
         self.bytes_last_round = mix.bytes
+        self.gossip_last_round = mix.seconds
         self.latency_last_round = time.perf_counter() - start
 
     def states(self) -> list[Any]:
