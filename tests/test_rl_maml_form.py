@@ -264,3 +264,19 @@ def test_a_short_navigation_run_improves_the_post_adaptation_return():
         backend.step()
     after = cfg.task.metrics(backend.state.x, backend.state.y)["post_return"]
     assert after > before + 15, (before, after)
+
+
+def test_maml_form_oracles_agree_on_the_torch_func_path():
+    """Inside torch.func transforms (forward-mode, or oracles forced onto torch.func) the adaptation
+    gradient in g is taken as a transform too; the oracles give the autograd path's values."""
+    task = make_task("meta_rl", **LINEAR)
+    x, y = task.init(seed=0)
+    _, batch = bind_at(task, x, y).inner.sample(np.random.default_rng(0))
+    v = tree.tree_map(lambda t: torch.randn(t.shape, generator=torch.Generator().manual_seed(5), dtype=t.dtype), y)
+    eager = oracles.fused_rev(task.g, x, y, v, batch)
+    with oracles.torch_func_only():
+        functional = oracles.fused_rev(task.g, x, y, v, batch)
+    forward = oracles.fused_fwd(task.g, x, y, v, batch)
+    for other in (functional, forward):
+        for a, b in zip(eager, other):
+            assert float(tree.norm(tree.sub(a, b))) < 1e-9 * (1 + float(tree.norm(a)))
