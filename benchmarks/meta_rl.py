@@ -71,10 +71,10 @@ def train(env: str, method: str, args: argparse.Namespace) -> dict:
         policy = load_meta_policy(out / "learner.pt")
     except Diverged as e:  # evaluate the last finite checkpoint
         from bilevel_ray import checkpoint
-        from bilevel_ray.runner import _read_rows
+        from bilevel_ray.runner import read_rows
 
         diverged = e.step
-        rows = _read_rows(out / "metrics.csv", upto=10**12)
+        rows = read_rows(out / "metrics.csv", upto=10**12)
         payload = checkpoint.load(out / "checkpoint.pt") if (out / "checkpoint.pt").exists() else None
         if payload is None:
             x, y = task.init(seed=args.seed)

@@ -24,7 +24,7 @@ from bilevel_ray.config import RunConfig
 from bilevel_ray.decentralized.backends import AgentFailure, average, consensus_error, make_backend
 from bilevel_ray.plotting import plot_curves
 
-__all__ = ["run", "Diverged", "metrics_row", "save_point", "restore_point", "COUNTERS"]
+__all__ = ["run", "Diverged", "read_rows", "metrics_row", "save_point", "restore_point", "COUNTERS"]
 
 #: agent failures tolerated in one run before it gives up
 MAX_FAILURES = 10
@@ -73,7 +73,7 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
     payload = None
     if resume:
         payload = _resume_point(out, resolved)
-        rows = _read_rows(out / "metrics.csv", upto=payload["round"])
+        rows = read_rows(out / "metrics.csv", upto=payload["round"])
     else:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
@@ -213,7 +213,7 @@ def _resume_point(out: Path, resolved: dict[str, Any]) -> dict[str, Any]:
     return checkpoint.load(path)
 
 
-def _read_rows(path: Path, upto: int) -> list[dict[str, Any]]:
+def read_rows(path: Path, upto: int) -> list[dict[str, Any]]:
     """Rows of an earlier run up to step ``upto`` (later ones are recomputed, never duplicated)."""
     if not path.exists():
         return []

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["discounted_returns", "baseline_features", "fit_linear_baseline", "gae", "advantages",
-           "dice_surrogate", "lvc_surrogate", "ESTIMATORS", "surrogate"]
+           "per_task_advantages", "dice_surrogate", "lvc_surrogate", "ESTIMATORS", "surrogate"]
 
 
 def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
@@ -99,6 +99,15 @@ def advantages(obs: Tensor, rewards: Tensor, mask: Tensor, *, gamma: float = 0.9
             std = (((a - mean[:, None]) ** 2 * m).sum(dim=(0, 2)) / n).sqrt()
             adv = ((a - mean[:, None]) / (std[:, None] + 1e-8) * m).reshape(adv.shape)
     return adv
+
+
+def per_task_advantages(eps, tasks: int, *, gamma: float = 0.99, lam: float = 1.0) -> tuple[list, list[Tensor]]:
+    """A task-major request's episodes and :func:`advantages` per task (one baseline and normalization
+    each, all fitted in one pass): ``([episodes of task k], [advantages of task k])``."""
+    adv = advantages(eps.obs, eps.rewards, eps.mask, gamma=gamma, lam=lam, groups=tasks)
+    per = adv.shape[1] // tasks
+    cols = [range(k * per, (k + 1) * per) for k in range(tasks)]
+    return [eps.select(c) for c in cols], [adv[:, c.start:c.stop] for c in cols]
 
 
 def dice_surrogate(log_probs: Tensor, advantages: Tensor, mask: Tensor,

@@ -22,7 +22,7 @@ from bilevel_ray.linalg import cg
 from bilevel_ray.params import hp
 from bilevel_ray.problem import rng_for
 from bilevel_ray.rl.core import Task
-from bilevel_ray.rl.estimators import advantages, dice_surrogate
+from bilevel_ray.rl.estimators import dice_surrogate, per_task_advantages
 from bilevel_ray.rl.policies import Params, Policy
 from bilevel_ray.rl.rollouts import Episodes, RolloutSampler
 
@@ -85,18 +85,12 @@ def collect(policy: Policy, sampler: RolloutSampler, params: Params, tasks: Sequ
     """Sample ``episodes`` per task with ``params``, adapt per task, sample again with the adapted
     policies. Seeds: ``(seed, 0)`` before, ``(seed, 1)`` after adaptation."""
     n = len(tasks)
-    per_task, train_adv = _per_task(sampler.sample(params, tasks, episodes, seed=(seed, 0)), n, ad)
+    per_task, train_adv = per_task_advantages(sampler.sample(params, tasks, episodes, seed=(seed, 0)), n,
+                                              gamma=ad.gamma, lam=ad.lam)
     adapted = [adapt(policy, params, e, a, ad) for e, a in zip(per_task, train_adv)]
-    valid, valid_adv = _per_task(sampler.sample(adapted, tasks, episodes, seed=(seed, 1)), n, ad)
+    valid, valid_adv = per_task_advantages(sampler.sample(adapted, tasks, episodes, seed=(seed, 1)), n,
+                                           gamma=ad.gamma, lam=ad.lam)
     return [TaskBatch(*parts) for parts in zip(per_task, train_adv, valid, valid_adv, adapted)]
-
-
-def _per_task(eps: Episodes, n: int, ad: Adaptation) -> tuple[list[Episodes], list[Tensor]]:
-    """A task-major request's episodes and advantages per task (one baseline each, fitted in one pass)."""
-    adv = advantages(eps.obs, eps.rewards, eps.mask, gamma=ad.gamma, lam=ad.lam, groups=n)
-    per = adv.shape[1] // n
-    cols = [range(k * per, (k + 1) * per) for k in range(n)]
-    return [eps.select(c) for c in cols], [adv[:, c.start:c.stop] for c in cols]
 
 
 class MAMLTRPOStep(NamedTuple):

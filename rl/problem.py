@@ -258,14 +258,12 @@ class MetaRLTask(Task):
 
     def _split(self, eps: Any, tasks: int) -> tuple[tuple[Any, ...], tuple[Tensor, ...]]:
         """A task-major request's episodes and advantages per task (one baseline per task, fitted together)."""
-        from bilevel_ray.rl.estimators import advantages
+        from bilevel_ray.rl.estimators import per_task_advantages
 
         start = time.perf_counter()
-        adv = advantages(eps.obs, eps.rewards, eps.mask, gamma=self.gamma, lam=self.gae_lambda, groups=tasks)
+        episodes, adv = per_task_advantages(eps, tasks, gamma=self.gamma, lam=self.gae_lambda)
         self.timings["advantages"] += time.perf_counter() - start
-        per = adv.shape[1] // tasks
-        return (tuple(eps.select(range(k * per, (k + 1) * per)) for k in range(tasks)),
-                tuple(adv[:, k * per:(k + 1) * per] for k in range(tasks)))
+        return tuple(episodes), tuple(adv)
 
     def rollouts(self, y: PyTree, indices: Sequence[int], *, seed: int, among: Sequence[int] | None = None) -> RLBatch:
         """``episodes`` episodes of each training task in ``indices`` (drawn among ``among``, default all)
@@ -381,17 +379,16 @@ class MetaRLTask(Task):
         (``post_return``) ``adapt_steps`` policy-gradient steps of size :attr:`adaptation_lr`;
         ``outer_objective = -post_return / H``; ``lower_return``: the lower-level policies on their
         first ``eval_tasks`` training tasks."""
-        saved = Counter(self.timings)  # metrics are not part of a step's profile
+        rows = range(min(self.eval_tasks, self.train_tasks))  # the sampler directly: returns only, untimed
+        lower = self.sampler.sample([_row(y, k) for k in rows], [self.train[k] for k in rows], self.episodes,
+                                    seed=self.seed + 11)
         returns, _ = adapt_policies(self.sampler, x, self.held_out, steps=self.adapt_steps, lr=self.adaptation_lr,
                                     episodes=self.eval_episodes, gamma=self.gamma, lam=self.gae_lambda,
                                     seed=(self.seed, 7))
-        lower = self.rollouts(y, range(min(self.eval_tasks, self.train_tasks)), seed=self.seed + 11)
-        self.timings.clear()
-        self.timings.update(saved)
         horizon = self.sampler.horizon
         post = float(returns[-1].mean())
         return {"outer_objective": -post / horizon, "pre_return": float(returns[0].mean()), "post_return": post,
-                "lower_return": float(torch.cat([e.returns for e in lower.episodes]).mean())}
+                "lower_return": float(lower.returns.mean())}
 
 
 def adapt_policies(sampler: Any, x: PyTree, tasks: Sequence[dict], *, steps: int, lr: float, episodes: int,
@@ -400,7 +397,7 @@ def adapt_policies(sampler: Any, x: PyTree, tasks: Sequence[dict], *, steps: int
     per-step return, fresh episodes each step: MAML's test-time adaptation, used for both forms (the
     proximal form's own step from ``x``, of size ``1/λ``, is the first of these). Returns the per-task mean returns before each step and after the last, ``(steps + 1, n)``, and the
     adapted policies."""
-    from bilevel_ray.rl.estimators import advantages
+    from bilevel_ray.rl.estimators import per_task_advantages
     from bilevel_ray.rl.maml import Adaptation, adapt
 
     vpg = Adaptation(lr=lr, steps=1, gamma=gamma, lam=lam)
@@ -411,7 +408,6 @@ def adapt_policies(sampler: Any, x: PyTree, tasks: Sequence[dict], *, steps: int
         out.append(torch.stack([eps.of_task(k).returns.mean() for k in range(len(tasks))]))
         if s == steps:
             break
-        adv = advantages(eps.obs, eps.rewards, eps.mask, gamma=gamma, lam=lam, groups=len(tasks))
-        phis = [adapt(sampler.policy, phi, eps.select(range(k * episodes, (k + 1) * episodes)),
-                      adv[:, k * episodes:(k + 1) * episodes], vpg) for k, phi in enumerate(phis)]
+        per_task, adv = per_task_advantages(eps, len(tasks), gamma=gamma, lam=lam)
+        phis = [adapt(sampler.policy, phi, e, a, vpg) for phi, e, a in zip(phis, per_task, adv)]
     return torch.stack(out), phis
