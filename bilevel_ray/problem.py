@@ -130,7 +130,10 @@ def bind(problem: Any, state: Any) -> Any:
     """The problem an algorithm step on ``state`` sees. On-policy problems (meta-RL: the data are rollouts
     of the current lower-level policies) define ``at(x, y, *, step, rank)`` returning a problem whose
     samplers draw with that iterate; every other problem is returned as is. Backends bind before each
-    step; call it yourself when stepping an algorithm by hand."""
+    step; call it yourself when stepping an algorithm by hand. Only an on-policy problem reads the
+    state's ``x``, ``y``, ``t`` and ``rank``."""
+    if getattr(problem, "at", None) is None:
+        return problem
     return bind_at(problem, state.x, state.y, step=state.t, rank=state.rank)
 
 

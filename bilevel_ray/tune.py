@@ -177,20 +177,25 @@ def trial_resources(decentralized: Any) -> Any:
 
 
 def _trial(config: dict[str, Any], base: dict[str, Any], metric: str, mode: str) -> None:
-    """The Tune trainable: one run of ``base`` with this trial's values, reported row by row."""
+    """The Tune trainable: one run of ``base`` with this trial's values through the same
+    :class:`~bilevel_ray.loop.OuterLoop` as ``bilevel-ray run`` (agent-failure replay and divergence stop
+    included), each row reported with a checkpoint every ``run.checkpoint_every`` rounds (every row when
+    that is 0) and at the last."""
     import ray
     from ray import tune
 
     from bilevel_ray import checkpoint
     from bilevel_ray.decentralized.backends import make_backend
-    from bilevel_ray.runner import metrics_row, restore_point, save_point
+    from bilevel_ray.loop import Diverged, OuterLoop
+    from bilevel_ray.runner import restore_point, save_point
 
     cfg = from_dict(apply_params(base, config))
     pg = ray.util.get_current_placement_group()
+    start = time.perf_counter()
     backend = make_backend(cfg.task, cfg.algorithm, cfg.decentralized, seed=cfg.run.seed,
                            placement_group=pg, first_bundle=1)
     try:
-        t, wall, restored = 0, 0.0, -1
+        t, wall, restored = 0, time.perf_counter() - start, -1
         saved = tune.get_checkpoint()
         if saved is not None:
             with saved.as_directory() as folder:
@@ -199,28 +204,27 @@ def _trial(config: dict[str, Any], base: dict[str, Any], metric: str, mode: str)
         agents_pg = getattr(backend, "pg", None)
         extra = {"restored_step": restored, "trial_bundles": len(pg.bundle_specs) if pg else 0,
                  "agents_in_trial_group": int(agents_pg is not None and pg is not None and agents_pg.id == pg.id)}
-        steps, every, keep = cfg.run.steps, cfg.run.eval_every, cfg.run.checkpoint_every
-        while True:
-            if t != restored and (t % every == 0 or t == steps):
-                states = backend.states()
-                row = {**metrics_row(t, wall, backend, cfg.task, states), **extra}
-                diverged = not math.isfinite(row.get(metric, math.nan))
-                if diverged:  # the worst value, so that schedulers and the final table rank it last
-                    row[metric] = math.inf if mode == "min" else -math.inf
-                if keep and t % keep and t != steps and not diverged:
-                    tune.report(row)
-                else:
-                    with tempfile.TemporaryDirectory() as folder:
-                        save_point(Path(folder) / "checkpoint.pt", t, wall, states)
-                        tune.report(row, checkpoint=tune.Checkpoint.from_directory(folder))
-                if diverged:
-                    return
-            if t >= steps:
+        steps, keep = cfg.run.steps, cfg.run.checkpoint_every
+
+        def emit(t: int, wall: float, row: dict[str, Any] | None, states: list[Any] | None) -> None:
+            row = {**row, **extra}
+            if not math.isfinite(row.get(metric, math.nan)):  # the worst value: schedulers rank it last
+                row[metric] = math.inf if mode == "min" else -math.inf
+            if states is None:
+                tune.report(row)
                 return
-            start = time.perf_counter()
-            backend.step()
-            wall += time.perf_counter() - start
-            t += 1
+            with tempfile.TemporaryDirectory() as folder:
+                save_point(Path(folder) / "checkpoint.pt", t, wall, states)
+                tune.report(row, checkpoint=tune.Checkpoint.from_directory(folder))
+
+        loop = OuterLoop(backend, cfg.task, steps=steps, eval_every=cfg.run.eval_every,
+                         checkpoint_due=lambda t, logged: logged and (not keep or t % keep == 0 or t == steps),
+                         start=t, wall=wall, logged=restored,
+                         where=f"the trial's results ({tune.get_context().get_trial_dir()})")
+        try:
+            loop.run(emit)
+        except Diverged:
+            return  # reported with the worst metric value; the trial ends, the sweep goes on
     finally:
         backend.close()
 

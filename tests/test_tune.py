@@ -1,6 +1,7 @@
 """Ray Tune sweeps (bilevel_ray.tune, `bilevel-ray tune`) on the session's real loopback cluster."""
 
 import csv
+import json
 import os
 import signal
 import statistics
@@ -20,6 +21,13 @@ BASE = {
              "dtype": "float64", "seed": 0},
     "algorithm": {"name": "soba", "schedule": "constant"},
     "run": {"steps": 60, "eval_every": 5, "seed": 0},
+}
+#: a decentralized run whose agents can be killed (the CLI fault-tolerance tests use the same)
+FAULT_CONFIG = {
+    "task": {"name": "logreg_hpo", "dataset": "synthetic", "n_samples": 400, "n_features": 6, "batch_size": 16},
+    "algorithm": {"name": "d_soba", "outer_lr": 0.5, "inner_lr": 0.3, "linear_lr": 0.3},
+    "run": {"progress": False},
+    "decentralized": {"agents": 3, "topology": "ring"},
 }
 SPACE = {"algorithm.outer_lr": "loguniform(1e-3, 1.0)", "algorithm.inner_lr": "loguniform(1e-2, 1.0)"}
 
@@ -125,6 +133,50 @@ def test_a_trial_whose_agent_dies_is_retried_from_its_checkpoint(tmp_path, ray_c
     restored = {int(r["restored_step"]) for r in rows} - {-1}
     assert restored and all(at % 10 == 0 and 0 < at for at in restored)  # from a checkpoint, not from 0
     assert int(rows[-1]["step"]) == 150
+
+
+def test_an_agent_killed_inside_a_tune_trial_is_replayed_and_changes_nothing(tmp_path, ray_cluster):
+    """The trial drives the same loop as ``bilevel-ray run``: Ray restarts the agent, the trial replays
+    from its last checkpoint and reports the rows of the unkilled run (Tune never retries the trial)."""
+    import ray
+
+    base = {**FAULT_CONFIG, "run": {**FAULT_CONFIG["run"], "steps": 120, "eval_every": 10, "checkpoint_every": 10, "seed": 0},
+            "decentralized": {**FAULT_CONFIG["decentralized"], "backend": "ray", "placement": "PACK"},
+            "tune": {"param_space": {"algorithm.outer_lr": "grid([0.5])"}, "search": "grid", "num_samples": 1,
+                     "max_failures": 0, "metric": "outer_objective"}}
+    path = tmp_path / "kill.yaml"
+    path.write_text(yaml.safe_dump(base))
+    clean = {**base, "decentralized": {**base["decentralized"], "backend": "sim"}}
+    clean.pop("tune")
+    (tmp_path / "clean.yaml").write_text(yaml.safe_dump(clean))
+    assert main(["run", str(tmp_path / "clean.yaml"), "--out", str(tmp_path / "clean"), "--no-progress"]) == 0
+    reference = json.loads((tmp_path / "clean" / "metrics.json").read_text())
+
+    killed = []
+
+    def killer():  # once the trial has reported a few rows, kill an agent; Ray restarts it
+        deadline = time.time() + 180
+        while time.time() < deadline and not killed:
+            rows = [r for rs in trials_of(tmp_path / "tuned").values() for r in rs]
+            if len(rows) >= 4:
+                for actor in ray.util.list_named_actors(all_namespaces=True):
+                    if actor["name"].endswith("-agent-1"):
+                        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=False)
+                        killed.append(int(rows[-1]["step"]))
+                        break
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    assert main(["tune", str(path), "--out", str(tmp_path / "tuned")]) == 0
+    thread.join()
+    assert killed and killed[0] < 120, "the agent was not killed mid-trial"
+    (rows,) = trials_of(tmp_path / "tuned").values()
+    assert {int(r["restored_step"]) for r in rows} == {-1}  # replayed inside the trial, not retried by Tune
+    assert [int(r["step"]) for r in rows] == [r["step"] for r in reference]  # none lost, none twice
+    for got, want in zip(rows, reference):
+        for key in ("outer_objective", "value", "consensus_error", "oracle_calls"):
+            assert float(got[key]) == pytest.approx(want[key], rel=1e-9, abs=1e-9), (want["step"], key)
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):

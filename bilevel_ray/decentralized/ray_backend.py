@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from bilevel_ray.decentralized.backends import AgentFailure
 from bilevel_ray.decentralized.data import AgentProblem
-from bilevel_ray.decentralized.transport import Transport, shm_dir
+from bilevel_ray.decentralized.transport import RoundAborted, Transport, shm_dir
 from bilevel_ray.problem import bind, bind_at
 from bilevel_ray.runtime import tune_process
 from bilevel_ray.tree import PyTree
@@ -94,7 +94,7 @@ class AgentWorker:
         (``gossip``, waiting for them included) and the task's own phases (``phases``, e.g. rollouts)."""
         tr = self.transport
         start, sent, shared = time.perf_counter(), tr.bytes_sent, tr.bytes_shared
-        timings = getattr(self.problem.task, "timings", {})
+        timings = getattr(getattr(self.problem, "task", self.problem), "timings", {})  # a task's phases, if any
         before = dict(timings)
         self.gossip_seconds = 0.0
         w = np.asarray(self.mixing_at(self.state.t), dtype=np.float64)
@@ -152,26 +152,36 @@ class RayBackend:
         self.phases_last_round: dict[str, float] = {}
 
     def step(self) -> None:
-        """One synchronous round. If an agent dies, the survivors abort the round, Ray restarts the
-        dead actor, and :class:`AgentFailure` asks the caller for states to restart from."""
+        """One synchronous round. If an agent's actor or node dies, the survivors abort the round, Ray
+        restarts the dead actor, and :class:`AgentFailure` asks the caller for states to restart from.
+        An exception raised inside an agent's step (a bug, a bad plug-in) aborts the round too, and is
+        raised here as itself, with the agent's traceback."""
         import ray
-        from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+        from ray.exceptions import ActorUnavailableError, RayActorError
 
         start = time.perf_counter()
         pending = [a.step.remote() for a in self.actors]
-        reports, failed = [], False
+        reports, errors = [], []
+        dead = aborted = False
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             try:
                 reports.append(ray.get(done[0]))
-            except (RayActorError, RayTaskError, ActorUnavailableError):
-                if not failed:
-                    failed = True
-                    for a in self.actors:
-                        a.abort.remote()  # a restarted actor runs this harmlessly before load_state
-        if failed:
+                continue
+            except (RayActorError, ActorUnavailableError):
+                dead = True
+            except Exception as e:  # noqa: BLE001 - raised below unless a dead actor explains it
+                errors.append(e)
+            if not aborted:  # the first failure: wake every agent waiting on a neighbour
+                aborted = True
+                for a in self.actors:
+                    a.abort.remote()  # a restarted actor runs this harmlessly before load_state
+        if dead:
             self._rewire()
-            raise AgentFailure("an agent actor failed during the round and was restarted")
+            raise AgentFailure("an agent actor died during the round and was restarted")
+        if errors:
+            cause = next((e for e in errors if not isinstance(e, RoundAborted)), errors[0])
+            raise cause
         self.latency_last_round = time.perf_counter() - start
         self.bytes_last_round = int(sum(r["bytes"] for r in reports))
         self.bytes_shared_last_round = int(sum(r["shared"] for r in reports))  # through shared memory

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Transport", "INLINE_BYTES", "TRANSPORTS", "shm_dir"]
+__all__ = ["Transport", "RoundAborted", "INLINE_BYTES", "TRANSPORTS", "shm_dir"]
 
 #: buffers up to this size are sent inline with the ``deliver`` call instead of through ``ray.put``
 INLINE_BYTES = 100 * 1024
@@ -46,6 +46,10 @@ _READ = _RECORD.size * 128
 def shm_dir() -> str:
     """Where the shared-memory slots and inbox FIFOs live (``/dev/shm`` when the OS has it)."""
     return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+class RoundAborted(RuntimeError):
+    """A gossip round gave up because a neighbour failed or is gone (a symptom, never the cause)."""
 
 
 class _Slots:
@@ -179,7 +183,7 @@ class Transport:
         """Read inbox records until ``done()`` (raises if the round was aborted)."""
         while not done():
             if self.aborted:
-                raise RuntimeError(f"agent {self.rank}: round aborted (a neighbour failed)")
+                raise RoundAborted(f"agent {self.rank}: round aborted (a neighbour failed)")
             data = os.read(self.inbox, _READ)  # whole records: writes of ≤ PIPE_BUF bytes are atomic
             for kind, epoch, r, src, slot, numel in _RECORD.iter_unpack(data):
                 if epoch != self.epoch:
@@ -191,7 +195,7 @@ class Transport:
                 else:
                     self.box[(r, src)] = (kind, slot, numel)
         if self.aborted:
-            raise RuntimeError(f"agent {self.rank}: round aborted (a neighbour failed)")
+            raise RoundAborted(f"agent {self.rank}: round aborted (a neighbour failed)")
 
     def _own_slots(self, buf: np.ndarray) -> _Slots | None:
         key = (buf.size, buf.dtype.str)
@@ -217,7 +221,7 @@ class Transport:
             try:  # non-blocking open: fails at once instead of hanging if the peer's inbox has no reader
                 fd = os.open(self._path(j, "inbox"), os.O_WRONLY | os.O_NONBLOCK)
             except OSError as exc:
-                raise RuntimeError(f"agent {self.rank}: neighbour {j} is gone ({exc})") from None
+                raise RoundAborted(f"agent {self.rank}: neighbour {j} is gone ({exc})") from None
             os.set_blocking(fd, True)
             self.outs[j] = fd
         return self.outs[j]
