@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from omniglot import bilevel_config  # noqa: E402
 
-from bilevel_ray.allocator import tune_allocator  # noqa: E402
+from bilevel_ray.allocator import keep_heap  # noqa: E402
 from bilevel_ray.decentralized.backends import make_backend  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64, help="channels of the Conv-4 backbone")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    tune_allocator()
+    keep_heap()
     if not torch.set_flush_denormal(True):
         sys.exit("this CPU has no flush-to-zero mode: nothing to compare")
     cfg = bilevel_config("soba", args.width, [])

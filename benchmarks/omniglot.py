@@ -8,7 +8,7 @@ then 5-way 1-shot, 5-way 5-shot and 20-way 1-shot accuracy over ``--tasks`` test
 per class) with normal 95% intervals, as trained and with test-time support warps (each support drawing
 plus ``--support-warps`` warped copies, :meth:`~bilevel_ray.meta.FewShotLearner.with_support_warps`).
 
-Every method trains on randomly warped drawings (:class:`~bilevel_ray.tasks.vision.augment.RandomAffine`:
+Every method trains on randomly warped drawings (:class:`~bilevel_ray.meta.augment.RandomAffine`:
 ``task.augment`` in the configs, ``AUGMENT`` for the episodic baselines); test tasks are never warped.
 
 * SOBA: the task's episodic prototype form (``configs/omniglot_soba.yaml``: backbone ``x``, one persistent
@@ -36,7 +36,7 @@ meta-batches and the same Adam step, after checking that all give the same meta-
 alternate, so that a slow spell of a shared machine hits all alike. Settings: learn2learn's own
 MAML Omniglot example (width 64, 32 tasks, 1 query per class), then this benchmark's MAML training
 setting, then that with 15 queries per class. The whole process runs under
-:func:`bilevel_ray.runtime.tune_process`: glibc's heap kept (``BILEVEL_RAY_ALLOCATOR=default`` to compare
+:func:`bilevel_ray.runtime.prepare_process`: glibc's heap kept (``BILEVEL_RAY_ALLOCATOR=default`` to compare
 without) and subnormal floats flushed to zero (``BILEVEL_RAY_DENORMALS=keep``).
 
     .venv/bin/python benchmarks/omniglot.py [--budget 4] [--tasks 600] [--methods soba bome dsbo maml protonet ridge]
@@ -59,11 +59,12 @@ import torch.nn.functional as F
 from bilevel_ray.config import load_config
 from bilevel_ray.decentralized.backends import average, make_backend
 from bilevel_ray.meta import evaluate
+from bilevel_ray.tasks.vision.l2l import import_learn2learn
 from bilevel_ray.meta.learners import meta_loss_and_grad
 from bilevel_ray.meta.train import meta_train
-from bilevel_ray.runtime import tune_process
-from bilevel_ray.tasks.vision.augment import RandomAffine
-from bilevel_ray.tasks.vision.backbone import ConvNet, init_backbone
+from bilevel_ray.runtime import prepare_process
+from bilevel_ray.meta.augment import RandomAffine
+from bilevel_ray.meta.backbone import ConvNet, init_backbone
 from bilevel_ray.tasks.vision.episodes import ClassPool, EpisodeSampler
 from bilevel_ray.tasks.vision.omniglot import load_omniglot
 
@@ -123,8 +124,7 @@ def maml_speed(pool: ClassPool, width: int, batch: int, queries: int, iters: int
     """Meta-iterations per second of our MAML (grouped and vmapped batching) and of learn2learn's ``MAML``
     on identical 5-way 1-shot meta-batches, after checking that all three give the same meta-gradient
     (``diff``: the largest absolute difference to learn2learn's)."""
-    import learn2learn as l2l
-
+    l2l = import_learn2learn()
     sampler = EpisodeSampler(pool, 5, 1, queries, meta_batch=batch)
     episodes = [sampler.episodes(np.random.default_rng([1, i])) for i in range(iters + 1)]
     net = ConvNet(init_backbone(width=width, seed=0), ways=5)
@@ -204,7 +204,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="train SOBA, BOME and DSBO for exactly this many "
                         "steps instead of --budget minutes (0: the budget); the time taken is printed")
     args = parser.parse_args()
-    flushed, tuned = tune_process(args.threads)  # first: torch's intra-op threads start flushing subnormals
+    flushed, tuned = prepare_process(args.threads)  # first: torch's intra-op threads start flushing subnormals
     if (args.set or args.steps) and not set(args.methods) & set(CONFIGS):
         parser.error(f"--set and --steps apply to {', '.join(CONFIGS)}; none of them is in --methods")
     configs = {}  # loaded before any training, so that a bad override fails now, not after an hour
@@ -225,8 +225,8 @@ def main() -> None:
     print(f"{length}budget {args.budget:g} min per method, {args.tasks} test tasks per setting, Conv-4 width "
           f"{args.width}, {args.threads} threads\n")
 
-    print(f"allocator: {'heap kept (bilevel_ray.tune_process)' if tuned else 'glibc default'}; subnormal floats: "
-          f"{'flushed to zero (bilevel_ray.tune_process)' if flushed else 'kept'}")
+    print(f"allocator: {'heap kept (bilevel_ray.prepare_process)' if tuned else 'glibc default'}; subnormal floats: "
+          f"{'flushed to zero (bilevel_ray.prepare_process)' if flushed else 'kept'}")
     if args.speed_iters > 0:
         speed_test(pool, args.speed_iters)
 

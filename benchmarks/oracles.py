@@ -29,7 +29,7 @@ equal to the library's step). The summary gives each ``torch.func`` time over th
 wall time vs time inside ATen ops (the difference is Python and dispatch overhead), time, count and
 FLOPs of the matrix products (the compute), and the number of ATen ops. Intra-op threads:
 ``--threads`` (default 2, the machine's cores), set once up front by
-:func:`bilevel_ray.runtime.tune_process`, which also flushes subnormals and keeps the heap.
+:func:`bilevel_ray.runtime.prepare_process`, which also flushes subnormals and keeps the heap.
 
     .venv/bin/python benchmarks/oracles.py [--repeats 7] [--threads 2] [--batch 256] [--problems repr wd conv] [--profile]
 """
@@ -53,7 +53,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from bilevel_ray import algorithms, oracles
 from bilevel_ray.problem import FiniteSampler, check_problem
-from bilevel_ray.runtime import tune_process
+from bilevel_ray.runtime import prepare_process
 
 Params = dict[str, torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -305,7 +305,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)  # torch.func jvp
-    tune_process(args.threads)
+    prepare_process(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), float32, CPU")
     results = {mode: run_problem(mode, args) for mode in args.problems}
     print("\nsummary (median over repeats of op time / grad_xy time in the same repeat)")

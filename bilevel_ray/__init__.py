@@ -20,8 +20,8 @@ _LAZY = {
     "oracles": "bilevel_ray.oracles",
     "tasks": "bilevel_ray.tasks",
     "tree": "bilevel_ray.tree",
-    "tune_allocator": "bilevel_ray.allocator",
-    "tune_process": "bilevel_ray.runtime",
+    "keep_heap": "bilevel_ray.allocator",
+    "prepare_process": "bilevel_ray.runtime",
 }
 
 __all__ = sorted(_LAZY)

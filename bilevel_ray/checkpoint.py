@@ -43,8 +43,10 @@ def from_plain(plain: Any, template: Any) -> Any:
 
 
 def save(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` atomically, its NamedTuples as plain tuples."""
     atomic_write(path, lambda tmp: torch.save(to_plain(payload), tmp))
 
 
 def load(path: Path) -> dict[str, Any]:
+    """The plain payload saved at ``path`` (``weights_only``; rebuild states with :func:`from_plain`)."""
     return torch.load(Path(path), weights_only=True)

@@ -33,9 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "list":
             return _list()
-        from bilevel_ray.runtime import tune_process
+        from bilevel_ray.runtime import prepare_process
 
-        tune_process()
+        prepare_process()
         if args.command == "eval":
             return _eval(args)
         address = [f"decentralized.address={args.address}"] if args.address else []
@@ -79,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--root", help="folder holding the Omniglot zips (default: search, see README)")
     ev.add_argument("--all-alphabets", action="store_true",
                     help="keep the alphabets the learner was trained on (default: unseen alphabets only)")
-    ev.add_argument("--ways", type=int, default=5)
+    ev.add_argument("--ways", type=int, nargs="+", default=[5], metavar="N", help="few-shot: classes per task; "
+                    "several values give one line each (e.g. --ways 5 20)")
     ev.add_argument("--shots", type=int, default=1)
     ev.add_argument("--queries", type=int, default=15, help="query images per class")
     ev.add_argument("--tasks", type=int, help="tasks to adapt to (default: 600 few-shot, 100 meta-RL)")
@@ -157,19 +158,21 @@ def _eval_fewshot(args: argparse.Namespace) -> int:
         trained_on = learner.hyper.get("train_split")
         if trained_on and not args.all_alphabets:
             data = data.select(exclude=load_omniglot(trained_on, root=args.root, size=learner.size).alphabets)
-        sampler = EpisodeSampler(ClassPool(data.images, data.labels), args.ways, args.shots, args.queries)
-        mean, half, _, constant = evaluate(learner, sampler, tasks=args.tasks, seed=args.seed)
+        pool = ClassPool(data.images, data.labels)
+        which = "all alphabets" if args.all_alphabets or not trained_on else f"alphabets not in {trained_on}"
+        copies = learner.hyper.get("support_warps", 0)
+        warps = f", support + {copies} warped copies" if copies else ""
+        for ways in args.ways:
+            sampler = EpisodeSampler(pool, ways, args.shots, args.queries)
+            mean, half, _, constant = evaluate(learner, sampler, tasks=args.tasks, seed=args.seed)
+            print(f"{learner.kind}{warps}: {ways}-way {args.shots}-shot accuracy on {args.split} ({which}, "
+                  f"{len(data.classes)} characters), {args.tasks} tasks: {mean:.4f} ± {half:.4f} (95% interval)")
+            if constant:
+                print(f"warning: on {round(constant * args.tasks)} of {args.tasks} tasks the learner gave every query "
+                      "the same label" + (" (collapsed)" if constant == 1 else ""))
     except (ValueError, FileNotFoundError) as e:
         return _error(str(e).replace("task.", "--").replace("support_warp_magnitude", "--warp-magnitude")
                       .replace("support_warps", "--support-warps"), 2)
-    which = "all alphabets" if args.all_alphabets or not trained_on else f"alphabets not in {trained_on}"
-    copies = learner.hyper.get("support_warps", 0)
-    warps = f", support + {copies} warped copies" if copies else ""
-    print(f"{learner.kind}{warps}: {args.ways}-way {args.shots}-shot accuracy on {args.split} ({which}, "
-          f"{len(data.classes)} characters), {args.tasks} tasks: {mean:.4f} ± {half:.4f} (95% interval)")
-    if constant:
-        print(f"warning: on {round(constant * args.tasks)} of {args.tasks} tasks the learner gave every query the "
-              "same label" + (" (collapsed)" if constant == 1 else ""))
     return 0
 
 

@@ -93,6 +93,7 @@ def value_and_grad_xy(fn: Objective, x: PyTree, y: PyTree, batch: Batch):
 
 
 def grad_x(fn: Objective, x: PyTree, y: PyTree, batch: Batch) -> PyTree:
+    """``∇_x fn``."""
     if not _eager(x, y):
         return grad(fn, argnums=0)(x, y, batch)
     with torch.enable_grad():
@@ -101,6 +102,7 @@ def grad_x(fn: Objective, x: PyTree, y: PyTree, batch: Batch) -> PyTree:
 
 
 def grad_y(fn: Objective, x: PyTree, y: PyTree, batch: Batch) -> PyTree:
+    """``∇_y fn``."""
     if not _eager(x, y):
         return grad(fn, argnums=1)(x, y, batch)
     with torch.enable_grad():

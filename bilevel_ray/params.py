@@ -68,9 +68,11 @@ class Params:
 
     @classmethod
     def field_docs(cls) -> dict[str, tuple[Any, str]]:
+        """``{field: (default, doc)}`` for every field."""
         return {f.name: (f.default, f.metadata.get("doc", "")) for f in dataclasses.fields(cls)}
 
     def to_dict(self) -> dict[str, Any]:
+        """``{field: value}`` for every field."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
@@ -97,9 +99,11 @@ class Registry:
         return deco
 
     def available(self) -> list[str]:
+        """Sorted names, registered or lazy."""
         return sorted(set(self.items) | set(self.lazy))
 
     def get(self, name: str) -> type:
+        """The class registered as ``name`` (importing a lazy one); a one-line error for an unknown name."""
         if name not in self.items and name in self.lazy:
             importlib.import_module(self.lazy[name].split(":")[0])
         try:

@@ -19,7 +19,7 @@ from bilevel_ray.tree import PyTree
 Batch = Any
 
 __all__ = ["Batch", "BilevelProblem", "Sampler", "FiniteSampler", "AgentRNGs", "rng_for", "check_problem", "bind",
-           "bind_at"]
+           "bind_at", "OPTIONAL", "capability"]
 
 
 class AgentRNGs(NamedTuple):
@@ -80,25 +80,31 @@ class FiniteSampler:
 
     @property
     def num_batches(self) -> int:
+        """Number of fixed minibatches."""
         return len(self._batches)
 
     @property
     def size(self) -> int:
+        """Number of rows in the dataset."""
         return self.data[0].shape[0]
 
     def batch(self, index: int) -> Batch:
+        """Minibatch number ``index``."""
         return self._batches[index]
 
     def sample(self, rng: np.random.Generator) -> tuple[int, Batch]:
+        """A uniformly drawn ``(index, minibatch)``."""
         if self.num_batches == 1:
             return 0, self._batches[0]
         k = int(rng.integers(self.num_batches))
         return k, self._batches[k]
 
     def full(self) -> Batch:
+        """The whole dataset as one batch."""
         return self.data
 
     def to(self, dtype: torch.dtype) -> "FiniteSampler":
+        """A copy with floating tensors cast to ``dtype``, same rows and minibatches (no reshuffle)."""
         cast = tuple(t.to(dtype) if t.is_floating_point() else t for t in self.data)
         return FiniteSampler(cast, self.batch_size, None)
 
@@ -109,8 +115,12 @@ class BilevelProblem(Protocol):
 
     Required: ``f``, ``g``, ``inner``, ``outer`` and ``init(seed=...)``. Optional, used by tests and
     metrics when present: ``y_star(x)``, ``hypergradient(x)`` (exact ``∇h``), ``value(x)`` (exact
-    ``h``), ``x_star`` and ``metrics(x, y) -> dict``; ``divergence(x_old, x_new, batch)``, a scalar
-    distance between upper iterates that the algorithms' trust region (``max_kl``) bounds.
+    ``h``), ``x_star`` and ``metrics(x, y) -> dict``. Optional capabilities the algorithms and backends
+    read through :func:`capability` (their defaults in :data:`OPTIONAL`): ``divergence(x_old, x_new,
+    batch)``, a scalar distance between upper iterates that the algorithms' trust region (``max_kl``)
+    bounds; ``stacked``, True when the problem holds several agents on a leading axis (the simulation's
+    stacked problem: algorithms then reduce per agent); ``at(x, y, *, step, rank)``, an on-policy
+    problem's samplers bound to an iterate (see :func:`bind`).
     """
 
     inner: Sampler
@@ -126,20 +136,31 @@ class BilevelProblem(Protocol):
         """Initial ``(x, y)``."""
 
 
+#: optional capabilities of a problem and the value a problem without them has (see BilevelProblem)
+OPTIONAL: dict[str, Any] = {"divergence": None, "stacked": False, "at": None}
+
+
+def capability(problem: Any, name: str) -> Any:
+    """The optional capability ``name`` of ``problem`` (one of :data:`OPTIONAL`), or its default."""
+    if name not in OPTIONAL:
+        raise KeyError(f"capability: {name!r} is not one of {', '.join(OPTIONAL)}")
+    return getattr(problem, name, OPTIONAL[name])
+
+
 def bind(problem: Any, state: Any) -> Any:
     """The problem an algorithm step on ``state`` sees. On-policy problems (meta-RL: the data are rollouts
     of the current lower-level policies) define ``at(x, y, *, step, rank)`` returning a problem whose
     samplers draw with that iterate; every other problem is returned as is. Backends bind before each
     step; call it yourself when stepping an algorithm by hand. Only an on-policy problem reads the
     state's ``x``, ``y``, ``t`` and ``rank``."""
-    if getattr(problem, "at", None) is None:
+    if capability(problem, "at") is None:
         return problem
     return bind_at(problem, state.x, state.y, step=state.t, rank=state.rank)
 
 
 def bind_at(problem: Any, x: Any, y: Any, *, step: int = 0, rank: int | tuple[int, ...] = 0) -> Any:
     """:func:`bind` at an iterate rather than a state (``algorithm.init`` sees ``bind_at(problem, x, y)``)."""
-    at = getattr(problem, "at", None)
+    at = capability(problem, "at")
     return problem if at is None else at(x, y, step=step, rank=rank)
 
 
@@ -152,6 +173,12 @@ def check_problem(problem: Any, *, seed: int = 0) -> None:
         s = getattr(problem, name, None)
         if not isinstance(s, Sampler):
             raise TypeError(f"problem.{name}: must be a Sampler (num_batches, sample(rng), full())")
+    for name in ("divergence", "at"):
+        if not (capability(problem, name) is None or callable(capability(problem, name))):
+            raise TypeError(f"problem.{name}: must be a method or absent, see bilevel_ray.BilevelProblem")
+    if not isinstance(capability(problem, "stacked"), bool):
+        raise TypeError("problem.stacked: must be a bool or absent (True only for several agents stacked on a "
+                        "leading axis)")
     x, y = problem.init(seed=seed)
     problem = bind_at(problem, x, y)
     rng = np.random.default_rng(seed)

@@ -1,8 +1,8 @@
 """``bilevel-ray run``: drives the :class:`~bilevel_ray.loop.OuterLoop` and logs its rows to CSV, JSON and a PNG.
 
 Output folder: ``config.yaml`` (the resolved config, written first), ``metrics.csv`` (one line per
-logged row, flushed at once), ``metrics.json`` (all rows, written atomically at the end, also when the
-run fails) and ``curves.png``.
+logged row, flushed at once), TensorBoard events of the same rows (``tensorboard --logdir`` the folder),
+``metrics.json`` (all rows, written atomically at the end, also when the run fails) and ``curves.png``.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
     from its folder's checkpoint. A task with ``learner(x, y)`` (the few-shot tasks) gets its final model
     (agents averaged) saved as ``learner.pt``, for ``bilevel-ray eval`` and :func:`bilevel_ray.meta.load`.
     """
+    from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
     out = Path(out_dir) if out_dir is not None else cfg.out_dir
@@ -65,6 +66,8 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
     title = f"{algo.name} on {task.name}"
     backend = None
     bar = tqdm(total=cfg.run.steps, desc=title, disable=not (show and sys.stderr.isatty()), dynamic_ncols=True)
+    # TensorBoard events next to metrics.csv; a resumed run drops the events after its checkpoint
+    events = SummaryWriter(log_dir=str(out), purge_step=payload["round"] + 1 if payload is not None else None)
     try:
         with open(out / "metrics.csv", "w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0])) if rows else None
@@ -82,6 +85,10 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
                     rows.append(row)
                     writer.writerow(row)
                     fh.flush()
+                    for key, value in row.items():
+                        if key != "step":
+                            events.add_scalar(key, value, global_step=t)
+                    events.flush()
                     bar.set_postfix(outer=f"{row['outer_objective']:.4g}", refresh=False)
                 if states is not None:
                     save_point(out / "checkpoint.pt", t, wall, states)
@@ -103,6 +110,7 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
                 task.learner(average([s.x for s in states]), average([s.y for s in states])).save(out / "learner.pt")
     finally:
         bar.close()
+        events.close()
         if backend is not None:
             backend.close()
         if rows:

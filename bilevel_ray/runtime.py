@@ -3,29 +3,29 @@ intra-op threads, then glibc's heap kept (:mod:`bilevel_ray.denormals`, :mod:`bi
 
 The flush-to-zero mode is per thread and PyTorch's intra-op threads copy it when they start, so it
 must be set before the thread count is changed or any parallel operation runs; the CLI, the Ray agent
-actors and the benchmarks call :func:`tune_process` first.
+actors and the benchmarks call :func:`prepare_process` first.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from bilevel_ray.allocator import tune_allocator
+from bilevel_ray.allocator import keep_heap
 from bilevel_ray.denormals import flush_denormals
 
-__all__ = ["ProcessTuning", "tune_process"]
+__all__ = ["ProcessSetup", "prepare_process"]
 
 
-class ProcessTuning(NamedTuple):
-    """What :func:`tune_process` changed: subnormals flushed to zero, freed heap memory kept."""
+class ProcessSetup(NamedTuple):
+    """What :func:`prepare_process` changed: subnormals flushed to zero, freed heap memory kept."""
 
     flushed: bool
     heap_kept: bool
 
 
-def tune_process(threads: int | None = None) -> ProcessTuning:
+def prepare_process(threads: int | None = None) -> ProcessSetup:
     """:func:`~bilevel_ray.denormals.flush_denormals`, then ``torch.set_num_threads(threads)`` (unless
-    ``None``), then :func:`~bilevel_ray.allocator.tune_allocator`. ``BILEVEL_RAY_DENORMALS=keep`` and
+    ``None``), then :func:`~bilevel_ray.allocator.keep_heap`. ``BILEVEL_RAY_DENORMALS=keep`` and
     ``BILEVEL_RAY_ALLOCATOR=default`` turn off their parts."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads: must be a positive integer or None, got {threads!r}")
@@ -34,4 +34,4 @@ def tune_process(threads: int | None = None) -> ProcessTuning:
         import torch
 
         torch.set_num_threads(threads)
-    return ProcessTuning(flushed, tune_allocator())
+    return ProcessSetup(flushed, keep_heap())

@@ -23,10 +23,12 @@ __all__ = [
 
 
 def add(a: PyTree, b: PyTree) -> PyTree:
+    """``a + b``."""
     return tree_map(torch.add, a, b)
 
 
 def sub(a: PyTree, b: PyTree) -> PyTree:
+    """``a - b``."""
     return tree_map(torch.sub, a, b)
 
 
@@ -38,6 +40,7 @@ def _per(s: float | torch.Tensor, t: torch.Tensor) -> float | torch.Tensor:
 
 
 def scale(a: PyTree, s: float | torch.Tensor) -> PyTree:
+    """``s * a`` (``s`` a scalar or one per agent)."""
     return tree_map(lambda t: t * _per(s, t), a)
 
 
@@ -52,18 +55,22 @@ def lerp(a: PyTree, b: PyTree, w: float) -> PyTree:
 
 
 def zeros_like(a: PyTree) -> PyTree:
+    """Zeros with the structure and shapes of ``a``."""
     return tree_map(torch.zeros_like, a)
 
 
 def clone(a: PyTree) -> PyTree:
+    """A copy of every leaf."""
     return tree_map(torch.clone, a)
 
 
 def detach(a: PyTree) -> PyTree:
+    """Every leaf detached from its graph."""
     return tree_map(torch.Tensor.detach, a)
 
 
 def to_dtype(a: PyTree, dtype: torch.dtype) -> PyTree:
+    """Every leaf cast to ``dtype``."""
     return tree_map(lambda t: t.to(dtype), a)
 
 
@@ -77,14 +84,17 @@ def vdot(a: PyTree, b: PyTree, batch: int = 0) -> torch.Tensor:
 
 
 def sq_norm(a: PyTree, batch: int = 0) -> torch.Tensor:
+    """``‖a‖²`` (``batch=1``: one per agent)."""
     return vdot(a, a, batch)
 
 
 def norm(a: PyTree, batch: int = 0) -> torch.Tensor:
+    """``‖a‖`` (``batch=1``: one per agent)."""
     return sq_norm(a, batch).sqrt()
 
 
 def numel(a: PyTree) -> int:
+    """Total number of entries over all leaves."""
     return sum(t.numel() for t in tree_flatten(a)[0])
 
 

@@ -232,6 +232,7 @@ def _trial(config: dict[str, Any], base: dict[str, Any], metric: str, mode: str)
 def make_tuner(sweep: Sweep, *, path: Path, resume: bool = False, verbose: int = 1) -> Any:
     """A ``tune.Tuner`` for ``sweep`` writing to ``path``, or the one restored from ``path``."""
     from ray import tune
+    from ray.tune.logger import TBXLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
     from ray.tune.search import BasicVariantGenerator
 
@@ -277,6 +278,7 @@ def make_tuner(sweep: Sweep, *, path: Path, resume: bool = False, verbose: int =
                                     # placement group when their resources match: no process start-up
                                     reuse_actors=True),
         run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=verbose,
+                                  callbacks=[TBXLoggerCallback()],  # TensorBoard events in every trial's folder
                                   failure_config=tune.FailureConfig(max_failures=settings.max_failures),
                                   # PBT restores an exploiting trial from the checkpoint its donor had when
                                   # the exploit was decided, which the donor may have pruned by the time the

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from gymnasium.envs.classic_control import CartPoleEnv, PendulumEnv
 
-from bilevel_ray.rl.core import Task, validate_task
+from bilevel_ray.rl.core import EnvTask, validate_task
 
 __all__ = ["RandomCartPoleEnv", "RandomPendulumEnv"]
 
@@ -35,18 +35,18 @@ class _RandomPhysics:
         self.TASK_SPEC = {k: (v / 10.0, v * 10.0) for k, v in self.DEFAULTS.items()}
         self.set_task(dict(self.DEFAULTS))
 
-    def sample_tasks(self, n: int, *, seed: int) -> list[Task]:
+    def sample_tasks(self, n: int, *, seed: int) -> list[EnvTask]:
         logs = np.random.default_rng(seed).uniform(-np.log(self.scale), np.log(self.scale), (n, len(self.DEFAULTS)))
         return [{k: float(v * np.exp(z)) for (k, v), z in zip(self.DEFAULTS.items(), row)} for row in logs]
 
-    def set_task(self, task: Task) -> None:
+    def set_task(self, task: EnvTask) -> None:
         self._task = validate_task(task, self.TASK_SPEC, type(self).__name__)
         self._apply(self._task)
 
-    def get_task(self) -> Task:
+    def get_task(self) -> EnvTask:
         return dict(self._task)
 
-    def _apply(self, task: Task) -> None:  # pragma: no cover - interface
+    def _apply(self, task: EnvTask) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
 
@@ -55,7 +55,7 @@ class RandomCartPoleEnv(_RandomPhysics, CartPoleEnv):
 
     DEFAULTS = {"pole_length": 0.5, "pole_mass": 0.1, "gravity": 9.8}
 
-    def _apply(self, task: Task) -> None:
+    def _apply(self, task: EnvTask) -> None:
         self.length, self.masspole, self.gravity = task["pole_length"], task["pole_mass"], task["gravity"]
         self.total_mass = self.masspole + self.masscart
         self.polemass_length = self.masspole * self.length
@@ -66,5 +66,5 @@ class RandomPendulumEnv(_RandomPhysics, PendulumEnv):
 
     DEFAULTS = {"length": 1.0, "mass": 1.0, "gravity": 10.0}
 
-    def _apply(self, task: Task) -> None:
+    def _apply(self, task: EnvTask) -> None:
         self.l, self.m, self.g = task["length"], task["mass"], task["gravity"]

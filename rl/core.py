@@ -4,9 +4,9 @@ A meta-environment is a gymnasium environment whose reward or dynamics depend on
 target velocity, a pole length). It adds three methods (MAML, Finn et al. 2017; MAML-RL's
 ``sample_tasks`` / ``reset_task``):
 
-- ``sample_tasks(n, *, seed) -> list[Task]``: ``n`` tasks, a pure function of ``seed``;
+- ``sample_tasks(n, *, seed) -> list[EnvTask]``: ``n`` tasks, a pure function of ``seed``;
 - ``set_task(task)``: the task every later episode follows (kept across ``reset``);
-- ``get_task() -> Task``: the current task.
+- ``get_task() -> EnvTask``: the current task.
 
 A task is a ``dict[str, float]`` (JSON- and pickle-friendly). Environments are created through
 gymnasium's registry (``gymnasium.make("BilevelRay/HalfCheetahVel-v0")``); third-party packages add
@@ -23,10 +23,10 @@ from typing import Any, Protocol, runtime_checkable
 import gymnasium as gym
 import numpy as np
 
-__all__ = ["Task", "MetaEnv", "NAMESPACE", "ENTRY_POINT_GROUP", "register_builtin", "load_plugins",
-           "make", "meta_env_ids", "set_task", "get_task", "check_meta_env", "validate_task"]
+__all__ = ["EnvTask", "MetaEnv", "NAMESPACE", "ENTRY_POINT_GROUP", "register_builtin", "load_plugins",
+           "make_env", "meta_env_ids", "set_env_task", "get_env_task", "check_meta_env", "validate_task"]
 
-Task = dict[str, float]
+EnvTask = dict[str, float]
 
 #: gymnasium namespace of the built-in meta-environments
 NAMESPACE = "BilevelRay"
@@ -52,17 +52,17 @@ _VECTOR: dict[str, str] = {"Navigation2D-v0": "bilevel_ray.rl.navigation:Navigat
 class MetaEnv(Protocol):
     """What a meta-environment adds to ``gymnasium.Env``."""
 
-    def sample_tasks(self, n: int, *, seed: int) -> list[Task]:
+    def sample_tasks(self, n: int, *, seed: int) -> list[EnvTask]:
         """``n`` tasks drawn from the task distribution; the same seed gives the same tasks."""
 
-    def set_task(self, task: Task) -> None:
+    def set_task(self, task: EnvTask) -> None:
         """Follow ``task`` from the next ``reset`` on (raises ``ValueError`` naming a bad key)."""
 
-    def get_task(self) -> Task:
+    def get_task(self) -> EnvTask:
         """The current task."""
 
 
-def validate_task(task: Any, spec: dict[str, tuple[float, float]], env: str) -> Task:
+def validate_task(task: Any, spec: dict[str, tuple[float, float]], env: str) -> EnvTask:
     """Check ``task`` has exactly the keys of ``spec`` with finite values in ``[low, high]``; return a
     clean copy of plain floats. One-line ``ValueError`` naming the bad key otherwise."""
     if not isinstance(task, dict):
@@ -122,7 +122,7 @@ def meta_env_ids() -> list[str]:
     return sorted(f"{NAMESPACE}/{name}" for name in _BUILTIN)
 
 
-def make(env_id: str, *, task: Task | None = None, **kwargs: Any) -> gym.Env:
+def make_env(env_id: str, *, task: EnvTask | None = None, **kwargs: Any) -> gym.Env:
     """``gymnasium.make`` after registering built-ins and plug-ins, optionally setting a task. An unknown
     id fails with one line listing the meta-environments available."""
     register_builtin()
@@ -134,16 +134,17 @@ def make(env_id: str, *, task: Task | None = None, **kwargs: Any) -> gym.Env:
     if not isinstance(env.unwrapped, MetaEnv):
         raise TypeError(f"env.id: {env_id!r} is not a meta-environment (needs sample_tasks, set_task, get_task)")
     if task is not None:
-        set_task(env, task)
+        set_env_task(env, task)
     return env
 
 
-def set_task(env: gym.Env, task: Task) -> None:
+def set_env_task(env: gym.Env, task: EnvTask) -> None:
     """Set the task of a (possibly wrapped) meta-environment."""
     env.unwrapped.set_task(task)
 
 
-def get_task(env: gym.Env) -> Task:
+def get_env_task(env: gym.Env) -> EnvTask:
+    """The task of a (possibly wrapped) meta-environment."""
     return env.unwrapped.get_task()
 
 

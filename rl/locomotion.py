@@ -16,7 +16,7 @@ import numpy as np
 from gymnasium.envs.mujoco.ant_v5 import AntEnv
 from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
 
-from bilevel_ray.rl.core import Task, validate_task
+from bilevel_ray.rl.core import EnvTask, validate_task
 
 __all__ = ["HalfCheetahVelEnv", "HalfCheetahDirEnv", "AntDirEnv"]
 
@@ -26,18 +26,18 @@ class _Directional:
 
     TASK_SPEC = {"direction": (-1.0, 1.0)}
 
-    def sample_tasks(self, n: int, *, seed: int) -> list[Task]:
+    def sample_tasks(self, n: int, *, seed: int) -> list[EnvTask]:
         signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=n)
         return [{"direction": float(s)} for s in signs]
 
-    def set_task(self, task: Task) -> None:
+    def set_task(self, task: EnvTask) -> None:
         task = validate_task(task, self.TASK_SPEC, type(self).__name__)
         if task["direction"] not in (-1.0, 1.0):
             raise ValueError(f"{type(self).__name__}.set_task: task['direction'] must be -1 or 1, "
                              f"got {task['direction']!r}")
         self._task = task
 
-    def get_task(self) -> Task:
+    def get_task(self) -> EnvTask:
         return dict(self._task)
 
 
@@ -51,19 +51,23 @@ class HalfCheetahVelEnv(HalfCheetahEnv):
             raise ValueError(f"env.low, env.high: need -3 <= low < high <= 3, got {low!r}, {high!r}")
         super().__init__(ctrl_cost_weight=ctrl_cost_weight, **kwargs)
         self.low, self.high = float(low), float(high)
-        self._task: Task = {"velocity": (self.low + self.high) / 2}
+        self._task: EnvTask = {"velocity": (self.low + self.high) / 2}
 
-    def sample_tasks(self, n: int, *, seed: int) -> list[Task]:
+    def sample_tasks(self, n: int, *, seed: int) -> list[EnvTask]:
+        """``n`` target velocities uniform in ``[low, high]``."""
         vel = np.random.default_rng(seed).uniform(self.low, self.high, n)
         return [{"velocity": float(v)} for v in vel]
 
-    def set_task(self, task: Task) -> None:
+    def set_task(self, task: EnvTask) -> None:
+        """Follow target velocity ``task["velocity"]``."""
         self._task = validate_task(task, self.TASK_SPEC, type(self).__name__)
 
-    def get_task(self) -> Task:
+    def get_task(self) -> EnvTask:
+        """The current task."""
         return dict(self._task)
 
     def step(self, action):
+        """HalfCheetah's step, rewarded ``-|v_x - velocity|`` minus the control cost."""
         obs, _, terminated, truncated, info = super().step(action)
         reward = -abs(info["x_velocity"] - self._task["velocity"]) + float(info["reward_ctrl"])
         return obs, reward, terminated, truncated, info
@@ -77,6 +81,7 @@ class HalfCheetahDirEnv(_Directional, HalfCheetahEnv):
         self._task = {"direction": 1.0}
 
     def step(self, action):
+        """HalfCheetah's step, rewarded ``direction · v_x`` minus the control cost."""
         obs, _, terminated, truncated, info = super().step(action)
         reward = self._task["direction"] * info["x_velocity"] + float(info["reward_ctrl"])
         return obs, reward, terminated, truncated, info
@@ -90,6 +95,7 @@ class AntDirEnv(_Directional, AntEnv):
         self._task = {"direction": 1.0}
 
     def step(self, action):
+        """Ant's step, rewarded ``direction · v_x`` plus the healthy reward minus control and contact costs."""
         obs, _, terminated, truncated, info = super().step(action)
         reward = (self._task["direction"] * info["x_velocity"] + float(info["reward_survive"])
                   + float(info["reward_ctrl"]) + float(info["reward_contact"]))

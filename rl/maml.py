@@ -21,9 +21,9 @@ from bilevel_ray.algorithms.base import Calls, Hyperparams, Mix, identity_mix, r
 from bilevel_ray.linalg import cg
 from bilevel_ray.params import hp
 from bilevel_ray.problem import rng_for
-from bilevel_ray.rl.core import Task
+from bilevel_ray.rl.core import EnvTask
 from bilevel_ray.rl.estimators import dice_surrogate, per_task_advantages
-from bilevel_ray.rl.policies import Params, Policy
+from bilevel_ray.rl.policies import PolicyParams, Policy
 from bilevel_ray.rl.rollouts import Episodes, RolloutSampler
 
 __all__ = ["Adaptation", "adapt", "TaskBatch", "collect", "MAMLTRPOStep", "maml_trpo_step", "adapted_returns",
@@ -47,8 +47,8 @@ class Adaptation:
             raise ValueError(f"algorithm.inner_steps: must be an integer >= 1, got {self.steps!r}")
 
 
-def adapt(policy: Policy, params: Params, eps: Episodes, adv: Tensor, ad: Adaptation, *,
-          create_graph: bool = False) -> Params:
+def adapt(policy: Policy, params: PolicyParams, eps: Episodes, adv: Tensor, ad: Adaptation, *,
+          create_graph: bool = False) -> PolicyParams:
     """``ad.steps`` ascent steps on the surrogate of ``eps``, importance-weighted by the policy that
     sampled them (DiCE where ``params`` is that policy); with ``create_graph`` the result is
     differentiable in ``params`` (second-order MAML, with DiCE's score-function terms)."""
@@ -77,10 +77,10 @@ class TaskBatch(NamedTuple):
     train_adv: Tensor
     valid: Episodes
     valid_adv: Tensor
-    adapted: Params
+    adapted: PolicyParams
 
 
-def collect(policy: Policy, sampler: RolloutSampler, params: Params, tasks: Sequence[Task], episodes: int,
+def collect(policy: Policy, sampler: RolloutSampler, params: PolicyParams, tasks: Sequence[EnvTask], episodes: int,
             ad: Adaptation, *, seed: int) -> list[TaskBatch]:
     """Sample ``episodes`` per task with ``params``, adapt per task, sample again with the adapted
     policies. Seeds: ``(seed, 0)`` before, ``(seed, 1)`` after adaptation."""
@@ -94,7 +94,11 @@ def collect(policy: Policy, sampler: RolloutSampler, params: Params, tasks: Sequ
 
 
 class MAMLTRPOStep(NamedTuple):
-    params: Params
+    """:func:`maml_trpo_step`'s result: the new parameters, the mean returns before and after adaptation,
+    the mean KL of the accepted step (0 if none), whether the line search accepted one, and the
+    environment steps sampled."""
+
+    params: PolicyParams
     pre_return: float
     post_return: float
     kl: float
@@ -102,7 +106,7 @@ class MAMLTRPOStep(NamedTuple):
     env_steps: int
 
 
-def _outer(policy: Policy, params: Params, batches: Sequence[TaskBatch], ad: Adaptation, *,
+def _outer(policy: Policy, params: PolicyParams, batches: Sequence[TaskBatch], ad: Adaptation, *,
            order: int) -> tuple[Tensor, Tensor]:
     """``(L(θ), mean KL)`` over the tasks, differentiable in ``params``: through the adaptation
     (``order=2``), or with its Jacobian taken as the identity (``order=1``, first-order MAML)."""
@@ -119,7 +123,7 @@ def _outer(policy: Policy, params: Params, batches: Sequence[TaskBatch], ad: Ada
     return torch.stack(losses).mean(), torch.stack(kls).mean()
 
 
-def maml_trpo_step(policy: Policy, sampler: RolloutSampler, params: Params, tasks: Sequence[Task], *,
+def maml_trpo_step(policy: Policy, sampler: RolloutSampler, params: PolicyParams, tasks: Sequence[EnvTask], *,
                    episodes: int, ad: Adaptation, seed: int, first_order: bool = False, max_kl: float = 0.01,
                    cg_iters: int = 10, cg_damping: float = 1e-5, ls_steps: int = 15,
                    ls_backtrack: float = 0.8) -> MAMLTRPOStep:
@@ -154,7 +158,7 @@ def maml_trpo_step(policy: Policy, sampler: RolloutSampler, params: Params, task
     return MAMLTRPOStep({k: v.detach() for k, v in new.items()}, float(pre), float(post), new_kl, accepted, steps)
 
 
-def adapted_returns(policy: Policy, sampler: RolloutSampler, params: Params, tasks: Sequence[Task], *,
+def adapted_returns(policy: Policy, sampler: RolloutSampler, params: PolicyParams, tasks: Sequence[EnvTask], *,
                     episodes: int, ad: Adaptation, seed: int) -> tuple[Tensor, Tensor]:
     """Per-task mean return before and after adapting ``params`` to each task, ``(len(tasks),)`` each."""
     batches = collect(policy, sampler, params, tasks, episodes, ad, seed=seed)
@@ -164,7 +168,9 @@ def adapted_returns(policy: Policy, sampler: RolloutSampler, params: Params, tas
 
 
 class MAMLTRPOState(NamedTuple):
-    x: Params
+    """State of MAML-TRPO: the meta-policy ``x`` and the per-task policies ``y``, carried unchanged."""
+
+    x: PolicyParams
     y: Any
     t: int
     seed: int
@@ -189,6 +195,7 @@ class MAMLTRPO(Hyperparams):
     ls_backtrack: float = hp(0.8, low=0, high=1, doc="line-search shrink factor")
 
     def init(self, problem: Any, x: Any, y: Any, *, seed: int = 0, rank: int = 0) -> MAMLTRPOState:
+        """Initial state at ``(x, y)``; one-line errors for stacked agents or a task other than meta-RL."""
         from bilevel_ray.rl.problem import MetaRLTask
 
         if isinstance(rank, tuple):
@@ -198,6 +205,7 @@ class MAMLTRPO(Hyperparams):
         return MAMLTRPOState(tree.detach(x), tree.detach(y), 0, seed, rank, Calls())
 
     def step(self, s: MAMLTRPOState, problem: Any, mix: Mix = identity_mix) -> MAMLTRPOState:
+        """One MAML-TRPO meta-iteration on a draw of training tasks, then gossip of ``x``."""
         task = getattr(problem, "meta_rl", problem)
         index = getattr(problem, "task_indices", task.inner)
         rng = rng_for(s.seed, s.rank, s.t)

@@ -36,6 +36,7 @@ class MetaPolicy:
 
     @property
     def sampler(self):
+        """This process's rollout sampler for ``env``, ``horizon`` and ``hidden``."""
         from bilevel_ray.rl.problem import rollout_sampler
 
         return rollout_sampler(self.env, self.horizon, tuple(self.hidden))
@@ -74,6 +75,7 @@ class MetaPolicy:
 
 
 def is_meta_policy(payload: Any) -> bool:
+    """Whether ``payload`` is a loaded meta-policy checkpoint (its ``format`` is ``FORMAT``)."""
     return isinstance(payload, dict) and payload.get("format") == FORMAT
 
 

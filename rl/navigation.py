@@ -13,7 +13,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from bilevel_ray.rl.core import Task, validate_task
+from bilevel_ray.rl.core import EnvTask, validate_task
 
 __all__ = ["Navigation2DEnv"]
 
@@ -35,31 +35,37 @@ class Navigation2DEnv(gym.Env):
         self.render_mode = render_mode
         self.observation_space = spaces.Box(-np.inf, np.inf, (2,), np.float32)
         self.action_space = spaces.Box(-self.MAX_STEP, self.MAX_STEP, (2,), np.float32)
-        self._task: Task = {"goal_x": 0.0, "goal_y": 0.0}
+        self._task: EnvTask = {"goal_x": 0.0, "goal_y": 0.0}
         self._pos = np.zeros(2)
         self._path: list[np.ndarray] = []
 
-    def sample_tasks(self, n: int, *, seed: int) -> list[Task]:
+    def sample_tasks(self, n: int, *, seed: int) -> list[EnvTask]:
+        """``n`` goals uniform in ``[-goal_range, goal_range]²``."""
         goals = np.random.default_rng(seed).uniform(-self.goal_range, self.goal_range, (n, 2))
         return [{"goal_x": float(gx), "goal_y": float(gy)} for gx, gy in goals]
 
-    def set_task(self, task: Task) -> None:
+    def set_task(self, task: EnvTask) -> None:
+        """Move the goal to ``(task["goal_x"], task["goal_y"])``."""
         self._task = validate_task(task, self.TASK_SPEC, type(self).__name__)
 
-    def get_task(self) -> Task:
+    def get_task(self) -> EnvTask:
+        """The current task."""
         return dict(self._task)
 
     @property
     def goal(self) -> np.ndarray:
+        """The current goal as a 2-vector."""
         return np.array([self._task["goal_x"], self._task["goal_y"]])
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        """Back to the origin: ``(observation, {})``."""
         super().reset(seed=seed)
         self._pos = np.zeros(2)
         self._path = [self._pos.copy()]
         return self._pos.astype(np.float32), {}
 
     def step(self, action):
+        """Move by the clipped action; the reward is minus the distance to the goal."""
         action = np.clip(np.asarray(action, dtype=np.float64), -self.MAX_STEP, self.MAX_STEP)
         self._pos = self._pos + action
         self._path.append(self._pos.copy())
@@ -109,10 +115,10 @@ class Navigation2DVectorEnv(gym.vector.VectorEnv):
         self._pos = np.zeros((num_envs, 2))
         self._steps = np.zeros(num_envs, dtype=np.int64)
 
-    def sample_tasks(self, n: int, *, seed: int) -> list[Task]:
+    def sample_tasks(self, n: int, *, seed: int) -> list[EnvTask]:
         return self.single_env.sample_tasks(n, seed=seed)
 
-    def set_tasks(self, tasks: list[Task]) -> None:
+    def set_tasks(self, tasks: list[EnvTask]) -> None:
         """One task per sub-environment (validated as :meth:`Navigation2DEnv.set_task` does)."""
         if len(tasks) != self.num_envs:
             raise ValueError(f"env.tasks: need {self.num_envs} tasks, one per sub-environment, got {len(tasks)}")

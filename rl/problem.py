@@ -81,10 +81,12 @@ class TaskIndexSampler:
     num_batches = None
 
     def sample(self, rng: np.random.Generator) -> tuple[int, np.ndarray]:
+        """``(-1, sorted indices)``: ``meta_batch`` of ``indices`` drawn without replacement."""
         k = min(self.meta_batch, len(self.indices))
         return -1, np.sort(rng.choice(np.asarray(self.indices), size=k, replace=False))
 
     def full(self) -> np.ndarray:
+        """All of ``indices``."""
         return np.asarray(self.indices)
 
 
@@ -235,14 +237,17 @@ class MetaRLTask(Task):
     # -- rollouts --------------------------------------------------------------------------------------
     @property
     def hidden(self) -> tuple[int, ...]:
+        """Hidden-layer widths of the policy: ``depth`` layers of ``width``."""
         return (self.width,) * self.depth
 
     @property
     def sampler(self):
+        """This process's rollout sampler (Ray rollout actors when ``rollout_workers > 0``)."""
         return rollout_sampler(self.env, self.horizon or None, self.hidden, self.rollout_workers)
 
     @property
     def policy(self):
+        """The policy network (functional: parameters are passed to its methods)."""
         return self.sampler.policy
 
     @property
@@ -317,6 +322,7 @@ class MetaRLTask(Task):
                             f"on bilevel_ray.problem.bind(task, state), as the backends do")
 
     def g(self, x: PyTree, y: PyTree, batch: RLBatch | MetaBatch) -> Tensor:
+        """Lower objective of the task's form on ``batch`` (see the module docstring)."""
         if self.form == "maml":
             self._check(batch, MetaBatch)
             steps = self._adaptation_steps(x, batch.pre, batch.pre_advantages)
@@ -332,6 +338,7 @@ class MetaRLTask(Task):
         return -returns + 0.5 * self.reg * prox
 
     def f(self, x: PyTree, y: PyTree, batch: RLBatch | MetaBatch) -> Tensor:
+        """Upper objective on ``batch``: minus the mean surrogate return of the rows ``y_k`` (see the module docstring)."""
         if self.form == "maml":
             self._check(batch, MetaBatch)
             parts = zip(batch.indices, batch.post, batch.post_advantages)
@@ -352,6 +359,7 @@ class MetaRLTask(Task):
         return total / count
 
     def init(self, *, seed: int = 0) -> tuple[PyTree, PyTree]:
+        """A fresh meta-policy ``x``, and ``y`` its copy for each training task."""
         x = self.policy.init(seed=seed, dtype=DTYPES[self.dtype])
         return x, {n: t.unsqueeze(0).repeat(self.train_tasks, *[1] * t.ndim) for n, t in x.items()}
 
@@ -395,8 +403,8 @@ def adapt_policies(sampler: Any, x: PyTree, tasks: Sequence[dict], *, steps: int
                    gamma: float, lam: float, seed: int | tuple[int, ...]) -> tuple[Tensor, list[dict[str, Tensor]]]:
     """Adapt ``x`` to each of ``tasks`` by ``steps`` policy-gradient (VPG) steps of size ``lr`` on the
     per-step return, fresh episodes each step: MAML's test-time adaptation, used for both forms (the
-    proximal form's own step from ``x``, of size ``1/λ``, is the first of these). Returns the per-task mean returns before each step and after the last, ``(steps + 1, n)``, and the
-    adapted policies."""
+    proximal form's own step from ``x``, of size ``1/λ``, is the first of these). Returns the per-task
+    mean returns before each step and after the last, ``(steps + 1, n)``, and the adapted policies."""
     from bilevel_ray.rl.estimators import per_task_advantages
     from bilevel_ray.rl.maml import Adaptation, adapt
 

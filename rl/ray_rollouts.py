@@ -12,8 +12,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from bilevel_ray.rl.core import Task
-from bilevel_ray.rl.policies import Params
+from bilevel_ray.rl.core import EnvTask
+from bilevel_ray.rl.policies import PolicyParams
 from bilevel_ray.rl.rollouts import Episodes, RolloutSampler, concat_episodes
 
 __all__ = ["RolloutWorker", "RayRolloutSampler"]
@@ -26,8 +26,9 @@ class RolloutWorker:
         torch.set_num_threads(1)
         self.sampler = RolloutSampler(env_id, horizon=horizon, hidden=hidden, env_kwargs=env_kwargs)
 
-    def sample(self, params: Params | Sequence[Params], tasks: Sequence[Task], episodes_per_task: int,
+    def sample(self, params: PolicyParams | Sequence[PolicyParams], tasks: Sequence[EnvTask], episodes_per_task: int,
                seed: int | tuple[int, ...], first_episode: int) -> Episodes:
+        """This worker's share of a request, episodes numbered from ``first_episode``."""
         return self.sampler.sample(params, tasks, episodes_per_task, seed=seed, first_episode=first_episode)
 
 
@@ -52,11 +53,13 @@ class RayRolloutSampler:
         actor = ray.remote(num_cpus=num_cpus)(RolloutWorker)
         self.workers = [actor.remote(env_id, self.horizon, tuple(hidden), dict(env_kwargs or {})) for _ in range(workers)]
 
-    def sample_tasks(self, n: int, *, seed: int) -> list[Task]:
+    def sample_tasks(self, n: int, *, seed: int) -> list[EnvTask]:
+        """``n`` tasks of the environment (drawn in this process)."""
         return self.local.sample_tasks(n, seed=seed)
 
-    def sample(self, params: Params | Sequence[Params], tasks: Sequence[Task], episodes_per_task: int, *,
+    def sample(self, params: PolicyParams | Sequence[PolicyParams], tasks: Sequence[EnvTask], episodes_per_task: int, *,
                seed: int | tuple[int, ...], first_episode: int = 0) -> Episodes:
+        """:meth:`RolloutSampler.sample`, the tasks shared out among the workers."""
         import ray
 
         per_task = not isinstance(params, dict)
@@ -72,6 +75,7 @@ class RayRolloutSampler:
         return joined._replace(task=offsets)
 
     def close(self) -> None:
+        """Kill the worker actors and close the local sampler."""
         import ray
 
         for w in self.workers:

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bilevel_ray.rl.core import Task, make
-from bilevel_ray.rl.policies import Params, Policy, make_policy
+from bilevel_ray.rl.core import EnvTask, make_env
+from bilevel_ray.rl.policies import PolicyParams, Policy, make_policy
 
 __all__ = ["Episodes", "RolloutSampler", "concat_episodes"]
 
@@ -53,6 +53,7 @@ class Episodes(NamedTuple):
         return Episodes(*(getattr(self, f)[:, idx] for f in _TIME_MAJOR), self.task[idx])
 
     def of_task(self, k: int) -> "Episodes":
+        """The episodes of task ``k``."""
         return self.select(torch.nonzero(self.task == k).flatten())
 
 
@@ -85,7 +86,7 @@ class RolloutSampler:
                  policy: Policy | None = None, hidden: tuple[int, ...] = (100, 100)):
         self.env_id = env_id
         self.env_kwargs = dict(env_kwargs or {})
-        probe = make(env_id, **self.env_kwargs)
+        probe = make_env(env_id, **self.env_kwargs)
         limit = probe.spec.max_episode_steps if probe.spec is not None else None
         self.horizon = int(horizon or limit or 0)
         if self.horizon <= 0:
@@ -95,7 +96,8 @@ class RolloutSampler:
         self._task_sampler = probe
         self._vecs: dict[int, gym.vector.VectorEnv] = {}
 
-    def sample_tasks(self, n: int, *, seed: int) -> list[Task]:
+    def sample_tasks(self, n: int, *, seed: int) -> list[EnvTask]:
+        """``n`` tasks of the environment; the same seed gives the same tasks."""
         return self._task_sampler.unwrapped.sample_tasks(n, seed=seed)
 
     def _vector_env(self, n: int) -> gym.vector.VectorEnv:
@@ -106,14 +108,14 @@ class RolloutSampler:
             if spec.vector_entry_point is not None:  # natively vectorized (one numpy step for all copies)
                 vec = gym.make_vec(self.env_id, num_envs=n, vectorization_mode="vector_entry_point", **kwargs)
             else:
-                vec = gym.vector.SyncVectorEnv([lambda: make(self.env_id, **kwargs) for _ in range(n)], copy=False)
+                vec = gym.vector.SyncVectorEnv([lambda: make_env(self.env_id, **kwargs) for _ in range(n)], copy=False)
             if len(self._vecs) >= self.KEEP:
                 self._vecs.pop(next(iter(self._vecs))).close()
         self._vecs[n] = vec  # most recent last
         return vec
 
     @torch.no_grad()
-    def sample(self, params: Params | Sequence[Params], tasks: Sequence[Task], episodes_per_task: int, *,
+    def sample(self, params: PolicyParams | Sequence[PolicyParams], tasks: Sequence[EnvTask], episodes_per_task: int, *,
                seed: int | tuple[int, ...], first_episode: int = 0) -> Episodes:
         """``episodes_per_task`` episodes of each task (task-major order) under the policy ``params``, or
         under ``params[k]`` for task ``k`` when given one policy per task (adapted policies)."""
@@ -170,6 +172,7 @@ class RolloutSampler:
                         torch.stack(logp), task)
 
     def close(self) -> None:
+        """Close every cached vector environment and the probe environment."""
         for vec in self._vecs.values():
             vec.close()
         self._vecs.clear()

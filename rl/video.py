@@ -16,9 +16,9 @@ __all__ = ["episode_frames", "write_adaptation_gif"]
 def episode_frames(env_id: str, task: dict, policy: Any, params: dict, *, horizon: int, seed: int,
                    every: int = 2) -> list[np.ndarray]:
     """Frames of one episode of the policy's mean actions (every ``every`` steps, and the last)."""
-    from bilevel_ray.rl.core import make
+    from bilevel_ray.rl.core import make_env
 
-    env = make(env_id, task=task, render_mode="rgb_array")
+    env = make_env(env_id, task=task, render_mode="rgb_array")
     try:
         obs, _ = env.reset(seed=seed)
         frames = []

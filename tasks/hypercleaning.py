@@ -31,6 +31,8 @@ def _logits(w: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
 @register_task("hypercleaning")
 @dataclass(frozen=True)
 class HyperCleaningTask(Task):
+    """Data hyper-cleaning on the digits: one weight logit per training sample (see the module docstring)."""
+
     label_column: ClassVar[int] = 1
     noise_rate: float = hp(0.5, low=0, high=1, strict=False, doc="p, share of corrupted training labels")
     train_fraction: float = hp(0.5, low=0, high=1, doc="share of samples in the (noisy) training split")
@@ -65,23 +67,28 @@ class HyperCleaningTask(Task):
 
     @property
     def n_train(self) -> int:
+        """Number of (noisy) training samples, the dimension of ``x``."""
         return self.inner.size
 
     def f(self, x: torch.Tensor, y: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Upper objective: cross-entropy of the model ``y`` on a clean validation ``batch``."""
         feats, labels = batch
         return F.cross_entropy(_logits(y, feats), labels)
 
     def g(self, x: torch.Tensor, y: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Lower objective: ``σ(x_i)``-weighted training cross-entropy on ``batch`` plus the ridge term."""
         feats, labels, idx = batch
         losses = F.cross_entropy(_logits(y, feats), labels, reduction="none")
         return (torch.sigmoid(x[idx]) * losses).mean() + 0.5 * self.reg * (y * y).sum()
 
     def init(self, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero logits (every weight 1/2) and a zero model."""
         dt = DTYPES[self.dtype]
         dim = self.inner.data[0].shape[1]
         return torch.zeros(self.n_train, dtype=dt), torch.zeros(dim + 1, N_CLASSES, dtype=dt)
 
     def accuracy(self, y: torch.Tensor) -> float:
+        """Test accuracy of the model ``y``."""
         feats, labels = self.test
         return float((_logits(y, feats).argmax(1) == labels).double().mean())
 
@@ -105,6 +112,7 @@ class HyperCleaningTask(Task):
         return self.accuracy(self.fit_lower(torch.zeros(self.n_train, dtype=DTYPES[self.dtype])))
 
     def metrics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """Validation loss, test accuracy and the mean weight on clean and on corrupted samples."""
         w = torch.sigmoid(x)
         return {
             "outer_objective": float(self.f(x, y, self.outer.full())),

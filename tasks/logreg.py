@@ -45,6 +45,8 @@ def _load(dataset: str, n: int, p: int, seed: int) -> tuple[np.ndarray, np.ndarr
 @register_task("logreg_hpo")
 @dataclass(frozen=True)
 class LogRegHPOTask(Task):
+    """Per-feature ℓ2 regularization of logistic regression, tuned on a validation split (see the module docstring)."""
+
     label_column: ClassVar[int] = 1
     dataset: str = hp("breast_cancer", choices=("breast_cancer", "synthetic"))
     n_samples: int = hp(2000, low=10, strict=False, doc="synthetic only: number of samples")
@@ -73,15 +75,19 @@ class LogRegHPOTask(Task):
 
     @property
     def dim(self) -> int:
+        """Number of features, the dimension of ``x`` and ``y``."""
         return self.inner.data[0].shape[1]
 
     def f(self, x: torch.Tensor, y: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Upper objective: validation log-loss of the weights ``y`` on ``batch``."""
         return _logloss(y, batch)
 
     def g(self, x: torch.Tensor, y: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Lower objective: training log-loss on ``batch`` plus ``½ Σ_j exp(x_j) y_j²``."""
         return _logloss(y, batch) + 0.5 * (torch.exp(x) * y * y).sum()
 
     def init(self, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every log-regularization at ``x0``, zero weights."""
         dt = DTYPES[self.dtype]
         return torch.full((self.dim,), self.x0, dtype=dt), torch.zeros(self.dim, dtype=dt)
 
@@ -109,6 +115,7 @@ class LogRegHPOTask(Task):
         return grad, hess
 
     def value(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact ``h(x) = f(x, y*(x))`` on the full validation split (float64)."""
         y = self.y_star(x)
         return _logloss(y, tuple(t.double() for t in self.outer.full()))
 
@@ -136,6 +143,7 @@ class LogRegHPOTask(Task):
         return self._hstar
 
     def metrics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """Validation loss, exact ``h(x)`` and its suboptimality, test loss and accuracy."""
         feats, signs = self.test
         value = float(self.value(x))
         return {

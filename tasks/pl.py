@@ -23,6 +23,8 @@ from bilevel_ray.tasks._data import DTYPES
 @register_task("nonconvex_pl")
 @dataclass(frozen=True)
 class NonconvexPLTask(Task):
+    """Bilevel problem with a nonconvex PL lower level ``u² + 3 sin² u`` (see the module docstring)."""
+
     dim: int = hp(5, low=1, strict=False, doc="dimension of x and y")
     n_samples: int = hp(64, low=1, strict=False, doc="offset samples e_i in g")
     noise: float = hp(0.0, low=0, strict=False, doc="std of the offsets e_i (0: y*(x) = x exactly)")
@@ -44,13 +46,16 @@ class NonconvexPLTask(Task):
         object.__setattr__(self, "outer", FiniteSampler((c[None],), None, shuffle_seed=None))
 
     def g(self, x: torch.Tensor, y: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Lower objective: mean over the offsets in ``batch`` of ``Σ_j u_j² + 3 sin² u_j``, ``u = y − x − e``."""
         u = y - x - batch[0]
         return (u ** 2 + 3 * torch.sin(u) ** 2).sum(1).mean()
 
     def f(self, x: torch.Tensor, y: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Upper objective: ``½‖y − c‖² + (ρ/2)‖x‖²``."""
         return 0.5 * ((y - batch[0][0]) ** 2).sum() + 0.5 * self.rho * (x ** 2).sum()
 
     def init(self, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x = 0`` and ``y = x + y_offset``."""
         x = torch.zeros(self.dim, dtype=DTYPES[self.dtype])
         return x, x + self.y_offset
 
@@ -60,6 +65,7 @@ class NonconvexPLTask(Task):
         return self.c / (1 + self.rho)
 
     def metrics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """Full-batch ``f`` and ``g``, and the relative error of ``x`` to ``x*``."""
         xs = self.x_star
         return {
             "outer_objective": float(self.f(x, y, self.outer.full())),

@@ -72,6 +72,8 @@ class _Means:
 @register_task("quadratic")
 @dataclass(frozen=True)
 class QuadraticTask(Task):
+    """Stochastic quadratic bilevel problem with closed-form ``y*``, ``∇h`` and ``x*`` (see the module docstring)."""
+
     dim_x: int = hp(10, low=1, strict=False, doc="dimension of x")
     dim_y: int = hp(20, low=1, strict=False, doc="dimension of y")
     n_inner: int = hp(1024, low=1, strict=False, doc="samples in g")
@@ -103,17 +105,21 @@ class QuadraticTask(Task):
 
     # -- the problem ------------------------------------------------------------------------
     def f(self, x: torch.Tensor, y: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Upper objective: mean quadratic loss of the outer samples in ``batch``."""
         return _loss(x, y, batch)
 
     def g(self, x: torch.Tensor, y: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Lower objective: mean quadratic loss of the inner samples in ``batch``."""
         return _loss(x, y, batch)
 
     def init(self, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every coordinate of ``x`` at ``x0``, ``y = 0``."""
         dt = _DTYPES[self.dtype]
         return torch.full((self.dim_x,), self.x0, dtype=dt), torch.zeros(self.dim_y, dtype=dt)
 
     # -- closed forms (float64) ---------------------------------------------------------------
     def y_star(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact lower-level solution ``y*(x) = −P⁻¹(Rᵀx + a)`` of the full-batch ``g``."""
         g = self._g
         return -torch.linalg.solve(g.P, g.R.T @ x.double() + g.a)
 
@@ -127,12 +133,14 @@ class QuadraticTask(Task):
         return fx - g.R @ torch.linalg.solve(g.P, fy)
 
     def value(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact ``h(x) = f(x, y*(x))`` (full-batch means)."""
         x = x.double()
         y = self.y_star(x)
         f = self._f
         return 0.5 * y @ f.P @ y + 0.5 * x @ f.Q @ x + x @ f.R @ y + f.a @ y + f.b @ x
 
     def hessian_h(self) -> torch.Tensor:
+        """The (constant) Hessian of ``h``."""
         g, f = self._g, self._f
         a = -torch.linalg.solve(g.P, g.R.T)
         return a.T @ f.P @ a + f.Q + f.R @ a + a.T @ f.R.T
@@ -146,6 +154,8 @@ class QuadraticTask(Task):
         return -torch.linalg.solve(hess, self.hypergradient(torch.zeros(self.dim_x, dtype=torch.float64)))
 
     def metrics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """Full-batch ``f``, exact ``h(x)`` and ``‖∇h(x)‖²``, ``‖y − y*(x)‖`` and, where ``x*`` is unique, the
+        relative error of ``x``."""
         hg = self.hypergradient(x)
         out = {
             "outer_objective": float(self.f(x, y, self.outer.full())),

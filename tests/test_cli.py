@@ -99,6 +99,27 @@ def test_run_writes_csv_json_png_and_config(config_file: Path, tmp_path: Path, c
     assert load_config(out / "config.yaml").to_dict() == resolved
 
 
+def scalars(folder: Path, prefix: str = "") -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the TensorBoard events in ``folder``: tag (without ``prefix``) -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag[len(prefix):]: [(e.step, e.value) for e in acc.Scalars(tag)]
+            for tag in acc.Tags()["scalars"] if tag.startswith(prefix)}
+
+
+def test_run_writes_tensorboard_events_of_its_rows(config_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["run", str(config_file), "--out", str(out), "--no-progress"]) == 0
+    rows = json.loads((out / "metrics.json").read_text())
+    events = scalars(out)
+    assert set(events) == set(rows[0]) - {"step"}
+    for key, series in events.items():
+        assert [s for s, _ in series] == [r["step"] for r in rows]
+        assert [v for _, v in series] == pytest.approx([r[key] for r in rows], rel=1e-6), key
+
+
 def test_divergence_stops_after_writing_rows(config_file: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     code = main(["run", str(config_file), "--out", str(out), "algorithm.outer_lr=1e30", "algorithm.inner_lr=1e30",

@@ -5,7 +5,6 @@ import glob
 import ipaddress
 import os
 
-import numpy as np
 import pytest
 import torch
 

@@ -86,6 +86,10 @@ def test_killed_driver_resumes_from_its_checkpoint(tmp_path):
     assert not (out / "metrics.json").exists(), "the driver finished before it was killed"
     assert main(["run", str(path), *longer, "--out", str(out), "--no-progress", "--resume"]) == 0
     assert_same_run(rows_of(out), rows_of(tmp_path / "clean"), steps=600, every=20)
+    from test_cli import scalars  # the tests folder is on sys.path under pytest
+
+    # TensorBoard: the killed run's events after its checkpoint are dropped, none is written twice
+    assert [s for s, _ in scalars(out)["outer_objective"]] == list(range(0, 601, 20))
 
 
 def test_resume_refuses_a_different_config_or_a_missing_checkpoint(tmp_path, capsys):

@@ -16,15 +16,15 @@ import torch
 from torch.func import grad
 
 from bilevel_ray import algorithms as A, linalg, oracles, tree
-from bilevel_ray.allocator import tune_allocator
+from bilevel_ray.allocator import keep_heap
 from bilevel_ray.meta import FewShotLearner, evaluate, load
-from bilevel_ray.meta.learners import (cg_fixed, episode_task_logits, imaml_solve, imaml_task_grad, maml_adapt,
-                                       meta_loss_and_grad, meta_params, ridge_head, task_logits, with_head)
+from bilevel_ray.meta.learners import (cg_fixed, episode_task_logits, imaml_solve, imaml_task_grad, meta_loss_and_grad,
+                                       meta_params, ridge_head, task_logits, with_head)
 from bilevel_ray.meta.train import meta_train
 from bilevel_ray.problem import rng_for
 from bilevel_ray.tasks import make_task
-from bilevel_ray.tasks.vision.augment import RandomAffine, warp
-from bilevel_ray.tasks.vision.backbone import ConvNet, embed, embed_tasks, feature_dim, features, init_backbone
+from bilevel_ray.meta.augment import RandomAffine, warp
+from bilevel_ray.meta.backbone import ConvNet, embed, embed_tasks, feature_dim, features, init_backbone
 from bilevel_ray.tasks.vision.benchmarks import expected_files, learn2learn_tasksets
 from bilevel_ray.tasks.vision.episodes import ClassPool, EpisodeSampler, learn2learn_tasks, split_l2l_task
 from bilevel_ray.tasks.vision.omniglot import find_omniglot, load_omniglot
@@ -328,15 +328,15 @@ def test_maml_batching_is_validated(pool12):
         meta_train("fomaml", sampler, steps=0, theta=theta, hyper={"batching": "loop"})
 
 
-def test_tune_allocator(monkeypatch):
+def test_keep_heap(monkeypatch):
     import bilevel_ray
 
-    assert bilevel_ray.tune_allocator is tune_allocator  # the name the README documents
+    assert bilevel_ray.keep_heap is keep_heap  # the name the README documents
     monkeypatch.setenv("BILEVEL_RAY_ALLOCATOR", "default")
-    assert tune_allocator() is False
+    assert keep_heap() is False
     monkeypatch.delenv("BILEVEL_RAY_ALLOCATOR")
     if sys.platform.startswith("linux") and "glibc" in " ".join(platform.libc_ver()):
-        assert tune_allocator() is True
+        assert keep_heap() is True
 
 
 @pytest.mark.parametrize("mode", ["flush", "keep"])
@@ -355,10 +355,10 @@ def test_flush_denormals_zeroes_subnormals_on_every_intra_op_thread(mode):
         assert (on, nonzero) == ("True", "0")
 
 
-def test_tune_process_flushes_before_it_starts_threads_and_keeps_the_heap():
-    """tune_process(2) in a fresh process: both intra-op threads flush subnormals (the mode was set before
+def test_prepare_process_flushes_before_it_starts_threads_and_keeps_the_heap():
+    """prepare_process(2) in a fresh process: both intra-op threads flush subnormals (the mode was set before
     the thread count), torch runs 2 threads, and glibc's heap is kept; a bad thread count names the field."""
-    code = ("import torch; from bilevel_ray import tune_process; t = tune_process(2); "
+    code = ("import torch; from bilevel_ray import prepare_process; t = prepare_process(2); "
             "x = torch.full((1 << 22,), 1e-39); print(t.flushed, t.heap_kept, torch.get_num_threads(), "
             "int((x * 1.0).ne(0).sum()))")
     env = {k: v for k, v in os.environ.items() if k not in ("BILEVEL_RAY_DENORMALS", "BILEVEL_RAY_ALLOCATOR")}
@@ -370,11 +370,11 @@ def test_tune_process_flushes_before_it_starts_threads_and_keeps_the_heap():
         assert (flushed, nonzero) == ("True", "0")
     if sys.platform.startswith("linux") and "glibc" in " ".join(platform.libc_ver()):
         assert kept == "True"
-    from bilevel_ray import tune_process
+    from bilevel_ray import prepare_process
 
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="threads: must be a positive integer or None"):
-            tune_process(bad)
+            prepare_process(bad)
 
 
 def test_imaml_implicit_gradient_matches_the_dense_formula(pool12):

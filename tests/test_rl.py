@@ -26,20 +26,20 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*settotalmass.*", "ignore::User
 
 @pytest.mark.parametrize("env_id", rl.meta_env_ids())
 def test_every_meta_env_passes_gymnasium_and_task_checks(env_id):
-    env = rl.make(env_id)
+    env = rl.make_env(env_id)
     check_meta_env(env, seed=3)
     tasks = env.unwrapped.sample_tasks(5, seed=1)
     assert len(tasks) == 5 and all(isinstance(v, float) for t in tasks for v in t.values())
 
 
 def _steps(env, task, actions, seed=0):
-    rl.set_task(env, task)
+    rl.set_env_task(env, task)
     env.reset(seed=seed)
     return [env.step(a) for a in actions]
 
 
 def test_navigation_reward_is_minus_distance_to_goal_with_clipped_moves():
-    env = rl.make("BilevelRay/Navigation2D-v0")
+    env = rl.make_env("BilevelRay/Navigation2D-v0")
     actions = [np.array([0.05, -0.3], np.float32), np.array([0.1, 0.02], np.float32), np.array([-1.0, 1.0], np.float32)]
     for task in ({"goal_x": 0.3, "goal_y": -0.2}, {"goal_x": -0.4, "goal_y": 0.45}):
         pos = np.zeros(2)
@@ -68,7 +68,7 @@ def test_navigation_renders_rgb_array():
      + info["reward_contact"]),
 ])
 def test_locomotion_reward_follows_the_task(env_id, tasks, formula):
-    env = rl.make(env_id)
+    env = rl.make_env(env_id)
     env.action_space.seed(0)
     actions = [env.action_space.sample() for _ in range(8)]
     weight = env.unwrapped._ctrl_cost_weight
@@ -92,14 +92,15 @@ def test_locomotion_reward_follows_the_task(env_id, tasks, formula):
 
 
 def test_random_pendulum_dynamics_follow_the_task():
-    env = rl.make("BilevelRay/PendulumRandom-v0")
+    env = rl.make_env("BilevelRay/PendulumRandom-v0")
     task = {"length": 1.7, "mass": 0.6, "gravity": 7.0}
-    rl.set_task(env, task)
+    rl.set_env_task(env, task)
     env.reset(seed=0)
     th, thdot = env.unwrapped.state
     u = 1.3
     obs, r, *_ = env.step(np.array([u], np.float32))
-    expect = thdot + (3 * task["gravity"] / (2 * task["length"]) * np.sin(th) + 3.0 / (task["mass"] * task["length"] ** 2) * u) * 0.05
+    expect = thdot + (3 * task["gravity"] / (2 * task["length"]) * np.sin(th)
+                      + 3.0 / (task["mass"] * task["length"] ** 2) * u) * 0.05
     expect = np.clip(expect, -8, 8)
     assert obs[2] == pytest.approx(expect, rel=1e-5)
     norm = ((th + np.pi) % (2 * np.pi)) - np.pi
@@ -107,9 +108,9 @@ def test_random_pendulum_dynamics_follow_the_task():
 
 
 def test_random_cartpole_dynamics_follow_the_task():
-    env = rl.make("BilevelRay/CartPoleRandom-v0")
+    env = rl.make_env("BilevelRay/CartPoleRandom-v0")
     task = {"pole_length": 0.9, "pole_mass": 0.3, "gravity": 12.0}
-    rl.set_task(env, task)
+    rl.set_env_task(env, task)
     env.reset(seed=1)
     x, x_dot, th, th_dot = env.unwrapped.state
     obs, r, *_ = env.step(1)
@@ -130,19 +131,19 @@ def test_random_cartpole_dynamics_follow_the_task():
     ("BilevelRay/PendulumRandom-v0", {"length": 1.0, "mass": float("nan"), "gravity": 9.0}, r"task\['mass'\]"),
 ])
 def test_bad_tasks_are_refused_by_name_and_keep_the_current_task(env_id, task, match):
-    env = rl.make(env_id)
-    before = rl.get_task(env)
+    env = rl.make_env(env_id)
+    before = rl.get_env_task(env)
     with pytest.raises(ValueError, match=match) as err:
-        rl.set_task(env, task)
+        rl.set_env_task(env, task)
     assert "\n" not in str(err.value)
-    assert rl.get_task(env) == before
+    assert rl.get_env_task(env) == before
 
 
 def test_make_refuses_unknown_and_non_meta_envs():
     with pytest.raises(ValueError, match="env.id: unknown environment 'Nope-v0'; meta-environments: BilevelRay/"):
-        rl.make("Nope-v0")
+        rl.make_env("Nope-v0")
     with pytest.raises(TypeError, match="not a meta-environment"):
-        rl.make("CartPole-v1")
+        rl.make_env("CartPole-v1")
 
 
 class _NoEffect(gym.Env):
@@ -227,10 +228,10 @@ def test_plugins_register_through_entry_points(tmp_path, monkeypatch):
     try:
         added = rl.load_plugins()
         assert {"MyNs/GoalLine-v0", "MyNs/GoalLineLong-v0"} <= set(added)
-        env = rl.make("MyNs/GoalLine-v0", task={"goal": 0.5})
+        env = rl.make_env("MyNs/GoalLine-v0", task={"goal": 0.5})
         check_meta_env(env)
-        assert rl.get_task(env) == {"goal": 0.5}
-        assert rl.make("MyNs/GoalLineLong-v0").spec.max_episode_steps == 50
+        assert rl.get_env_task(env) == {"goal": 0.5}
+        assert rl.make_env("MyNs/GoalLineLong-v0").spec.max_episode_steps == 50
     finally:
         for env_id in ("MyNs/GoalLine-v0", "MyNs/GoalLineLong-v0"):
             gym.registry.pop(env_id, None)
@@ -532,7 +533,7 @@ def test_native_vector_navigation_matches_the_single_environment_bit_for_bit():
     tasks = sampler.sample_tasks(3, seed=0)
     native = sampler.sample(params, tasks, 4, seed=1)
     assert isinstance(sampler._vector_env(12), Navigation2DVectorEnv)
-    sampler._vecs[12] = gym.vector.SyncVectorEnv([lambda: rl.make("BilevelRay/Navigation2D-v0") for _ in range(12)])
+    sampler._vecs[12] = gym.vector.SyncVectorEnv([lambda: rl.make_env("BilevelRay/Navigation2D-v0") for _ in range(12)])
     reference = sampler.sample(params, tasks, 4, seed=1)
     for name in native._fields:
         assert torch.equal(getattr(native, name), getattr(reference, name)), name

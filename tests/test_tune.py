@@ -61,7 +61,13 @@ def test_asha_sweep_finds_a_trial_better_than_the_median(tmp_path, ray_cluster, 
     assert any(int(t["step"]) < 60 for t in trials)  # ASHA stopped some trials early
     for name in ("curves.png", "params.png"):
         assert (tmp_path / "asha" / name).stat().st_size > 0
-    assert list((tmp_path / "asha").glob("*/events.out.tfevents.*"))  # TensorBoard files from Tune's loggers
+    from test_cli import scalars  # noqa: E402 - the tests folder is on sys.path under pytest
+
+    for trial in (tmp_path / "asha").glob("*/progress.csv"):  # TensorBoard events from Tune's logger
+        with open(trial, newline="") as fh:
+            reported = [float(r["rel_error"]) for r in csv.DictReader(fh)]
+        events = scalars(trial.parent, prefix="ray/tune/")
+        assert [v for _, v in events["rel_error"]] == pytest.approx(reported, rel=1e-6)
     best = yaml.safe_load((tmp_path / "asha" / "best_config.yaml").read_text())
     assert best["algorithm"]["outer_lr"] == pytest.approx(float(trials[0]["algorithm.outer_lr"]))
     assert "tune" not in best

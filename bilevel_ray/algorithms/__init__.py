@@ -14,4 +14,5 @@ from bilevel_ray.algorithms.stocbio import StocBiO
 from bilevel_ray.algorithms.vr_msgbio import VRMSGBiO
 
 __all__ = ["BilevelAlgorithm", "Calls", "Hyperparams", "Mix", "available", "get", "identity_mix", "make",
-           "register", "AIDCG", "BOME", "DSBO", "DSBOGT", "DSOBA", "ITD", "MGBiO", "MSGBiO", "SABA", "SOBA", "StocBiO", "VRMSGBiO"]
+           "register", "AIDCG", "BOME", "DSBO", "DSBOGT", "DSOBA", "ITD", "MGBiO", "MSGBiO", "SABA", "SOBA", "StocBiO",
+           "VRMSGBiO"]

@@ -25,6 +25,7 @@ import torch
 from bilevel_ray import tree
 from bilevel_ray.algorithms.base import Hyperparams, cosine_decay
 from bilevel_ray.params import hp
+from bilevel_ray.problem import capability
 from bilevel_ray.tree import PyTree
 
 
@@ -61,7 +62,7 @@ class AdaptiveOuter(Hyperparams):
 
     def check_trust_region(self, problem: Any) -> None:
         """One-line error where ``max_kl`` is set on a problem without ``divergence``."""
-        if self.max_kl > 0 and not callable(getattr(problem, "divergence", None)):
+        if self.max_kl > 0 and capability(problem, "divergence") is None:
             raise ValueError(f"{self.section}.max_kl: the trust region needs a problem with divergence(x_old, x_new, "
                              f"batch) (meta_rl has one); this task has none, set max_kl: 0")
 

@@ -44,15 +44,19 @@ class Calls(NamedTuple):
     jvp: int = 0
 
     def add(self, grad_f: int = 0, grad_g: int = 0, hvp: int = 0, jvp: int = 0) -> "Calls":
+        """These counts plus the given ones."""
         return Calls(self.grad_f + grad_f, self.grad_g + grad_g, self.hvp + hvp, self.jvp + jvp)
 
     @property
     def total(self) -> int:
+        """All oracle calls, of every kind."""
         return sum(self)
 
 
 @runtime_checkable
 class BilevelAlgorithm(Protocol):
+    """A bilevel algorithm: hyperparameters with pure ``init`` and ``step`` (see the module docstring)."""
+
     name: ClassVar[str]
 
     def init(self, problem: BilevelProblem, x: PyTree, y: PyTree, *, seed: int = 0, rank: int = 0) -> State:

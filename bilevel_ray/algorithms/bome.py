@@ -19,11 +19,13 @@ from bilevel_ray import oracles, tree
 from bilevel_ray.params import hp
 from bilevel_ray.algorithms._adaptive import AdaptiveOuter, Moments
 from bilevel_ray.algorithms.base import Calls, Mix, identity_mix, register
-from bilevel_ray.problem import BilevelProblem, rng_for
+from bilevel_ray.problem import BilevelProblem, capability, rng_for
 from bilevel_ray.tree import PyTree
 
 
 class BOMEState(NamedTuple):
+    """State of BOME: the joint iterate ``(x, y)`` and the outer step rule's moments."""
+
     x: PyTree
     y: PyTree
     t: int
@@ -36,6 +38,8 @@ class BOMEState(NamedTuple):
 @register("bome")
 @dataclass(frozen=True)
 class BOME(AdaptiveOuter):
+    """BOME (Liu et al., NeurIPS 2022): first-order joint steps on ``(x, y)`` with a dynamic barrier."""
+
     outer_lr: float = hp(0.01, low=0, doc="ξ, joint step of (x, y)")
     inner_lr: float = hp(0.1, low=0, doc="α, step of the T inner steps")
     inner_steps: int = hp(10, low=1, strict=False, doc="T")
@@ -43,10 +47,12 @@ class BOME(AdaptiveOuter):
     phi: str = hp("grad_norm", choices=("grad_norm", "value"), doc="φ = η‖∇q‖² or φ = η q")
 
     def init(self, problem: BilevelProblem, x: PyTree, y: PyTree, *, seed: int = 0, rank: int = 0) -> BOMEState:
+        """Initial state at ``(x, y)``; rejects ``max_kl`` on a problem without ``divergence``."""
         self.check_trust_region(problem)
         return BOMEState(tree.detach(x), tree.detach(y), 0, seed, rank, Calls(), self.init_moments((x, y)))
 
     def step(self, s: BOMEState, problem: BilevelProblem, mix: Mix = identity_mix) -> BOMEState:
+        """One BOME step (see the module docstring)."""
         rng = rng_for(s.seed, s.rank, s.t)
         _, bi = problem.inner.sample(rng)
         _, bo = problem.outer.sample(rng)
@@ -57,7 +63,7 @@ class BOME(AdaptiveOuter):
         gx_theta, g_theta = oracles.value_and_grad_xy(problem.g, s.x, theta, bi)
         qx, qy = tree.sub(gx, gx_theta[0]), gy
         fx, fy = oracles.grad_xy(problem.f, s.x, s.y, bo)
-        nb = int(getattr(problem, "stacked", False))  # simulated agents: one barrier per agent
+        nb = int(capability(problem, "stacked"))  # simulated agents: one barrier per agent
         q_sq = tree.sq_norm(qx, nb) + tree.sq_norm(qy, nb)
         phi = self.eta * (q_sq if self.phi == "grad_norm" else g_val - g_theta)
         inner = tree.vdot(fx, qx, nb) + tree.vdot(fy, qy, nb)

@@ -30,6 +30,8 @@ from bilevel_ray.tree import PyTree
 
 
 class DSBOState(NamedTuple):
+    """State of DSBO: lower iterate ``y``, linear-system iterate ``z``, hypergradient average ``r``."""
+
     x: PyTree
     y: PyTree
     z: PyTree
@@ -45,6 +47,8 @@ class DSBOState(NamedTuple):
 @register("dsbo")
 @dataclass(frozen=True)
 class DSBO(AdaptiveOuter):
+    """DSBO (Chen et al., ICML 2023): decentralized double-loop steps with a moving-average hypergradient."""
+
     outer_lr: float = hp(0.01, low=0, doc="α, step of x")
     inner_lr: float = hp(0.1, low=0, doc="β, step of the T lower steps")
     linear_lr: float = hp(0.1, low=0, doc="γ, step of the N linear-system steps")
@@ -58,12 +62,14 @@ class DSBO(AdaptiveOuter):
     tracking = False
 
     def init(self, problem: BilevelProblem, x: PyTree, y: PyTree, *, seed: int = 0, rank: int = 0) -> DSBOState:
+        """Initial state at ``(x, y)`` with ``z``, ``r`` and ``s`` zero."""
         self.check_trust_region(problem)
         x, y = tree.detach(x), tree.detach(y)
         zx = tree.zeros_like(x)
         return DSBOState(x, y, tree.zeros_like(y), zx, zx, 0, seed, rank, Calls(), self.init_moments(x))
 
     def step(self, s: DSBOState, problem: BilevelProblem, mix: Mix = identity_mix) -> DSBOState:
+        """One outer step of agent ``s.rank`` (see the module docstring)."""
         rng = rng_for(s.seed, s.rank, s.t)
         x, y, z = s.x, s.y, s.z
         mix_yz = mix if self.lower_level == "shared" else identity_mix

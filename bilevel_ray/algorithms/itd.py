@@ -21,6 +21,8 @@ from bilevel_ray.tree import PyTree
 
 
 class ITDState(NamedTuple):
+    """State of ITD: ``y`` is the last unroll's end, ``y0`` the initial ``y`` (for cold starts)."""
+
     x: PyTree
     y: PyTree
     y0: PyTree
@@ -33,16 +35,20 @@ class ITDState(NamedTuple):
 @register("itd")
 @dataclass(frozen=True)
 class ITD(Hyperparams):
+    """ITD (Maclaurin et al. 2015; Franceschi et al. 2017): exact hypergradient through ``T`` unrolled steps."""
+
     outer_lr: float = hp(0.01, low=0, doc="β, step of x")
     inner_lr: float = hp(0.1, low=0, doc="α, step of the unrolled inner loop")
     inner_steps: int = hp(10, low=1, strict=False, doc="T, unrolled steps")
     warm_start: bool = hp(True, doc="start each unroll from the last y_T (else from y_0)")
 
     def init(self, problem: BilevelProblem, x: PyTree, y: PyTree, *, seed: int = 0, rank: int = 0) -> ITDState:
+        """Initial state at ``(x, y)``, keeping ``y`` as ``y0``."""
         y = tree.detach(y)
         return ITDState(tree.detach(x), y, y, 0, seed, rank, Calls())
 
     def step(self, s: ITDState, problem: BilevelProblem, mix: Mix = identity_mix) -> ITDState:
+        """One ITD step (see the module docstring)."""
         rng = rng_for(s.seed, s.rank, s.t)
         batches = [problem.inner.sample(rng)[1] for _ in range(self.inner_steps)]
         _, bo = problem.outer.sample(rng)

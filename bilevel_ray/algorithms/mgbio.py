@@ -19,6 +19,8 @@ from bilevel_ray.tree import PyTree
 
 
 class MGBiOState(NamedTuple):
+    """State of MGBiO: ``w`` is the momentum of the surrogate hypergradient."""
+
     x: PyTree
     y: PyTree
     w: PyTree
@@ -31,13 +33,17 @@ class MGBiOState(NamedTuple):
 @register("mgbio")
 @dataclass(frozen=True)
 class MGBiO(PLHyperparams):
+    """MGBiO (Huang 2023): full-batch momentum on the surrogate hypergradient, PL lower level."""
+
     beta: float = hp(0.5, low=0, high=1, strict=False, doc="β, momentum weight of the new estimate")
 
     def init(self, problem: BilevelProblem, x: PyTree, y: PyTree, *, seed: int = 0, rank: int = 0) -> MGBiOState:
+        """Initial state at ``(x, y)`` with ``w = 0`` (replaced by the first estimate)."""
         x, y = tree.detach(x), tree.detach(y)
         return MGBiOState(x, y, tree.zeros_like(x), 0, seed, rank, Calls())
 
     def step(self, s: MGBiOState, problem: BilevelProblem, mix: Mix = identity_mix) -> MGBiOState:
+        """One MGBiO step (see the module docstring)."""
         bi, bo = problem.inner.full(), problem.outer.full()
         y = tree.axpy(-self.inner_lr, oracles.grad_y(problem.g, s.x, s.y, bi), mix(s.y))
         hg, calls = self.hypergradient(problem, s.x, y, bi, bo)

@@ -20,13 +20,17 @@ from bilevel_ray.tree import PyTree
 @register("msgbio")
 @dataclass(frozen=True)
 class MSGBiO(PLHyperparams):
+    """MSGBiO (Huang 2023): stochastic momentum on ``∇_y g`` and the surrogate hypergradient, PL lower level."""
+
     beta: float = hp(0.5, low=0, high=1, strict=False, doc="β, momentum weight of the new estimate")
     m: float = hp(10.0, low=0, doc="offset of η_t = η_0 (m/(m+t))^{1/2}")
 
     def init(self, problem: BilevelProblem, x: PyTree, y: PyTree, *, seed: int = 0, rank: int = 0) -> MomentumState:
+        """Initial state: both estimators at ``(x, y)`` on one minibatch pair."""
         return init_momentum(self, problem, x, y, seed, rank)
 
     def step(self, s: MomentumState, problem: BilevelProblem, mix: Mix = identity_mix) -> MomentumState:
+        """One MSGBiO step (see the module docstring)."""
         eta_t = self.eta * (self.m / (self.m + s.t)) ** 0.5
         x, y = averaged_move(s, self, eta_t, mix)
         rng = rng_for(s.seed, s.rank, s.t)

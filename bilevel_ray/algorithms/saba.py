@@ -20,7 +20,7 @@ import torch
 from bilevel_ray import oracles, tree
 from bilevel_ray.params import hp
 from bilevel_ray.algorithms.base import Calls, Hyperparams, Mix, identity_mix, register
-from bilevel_ray.problem import BilevelProblem, rng_for
+from bilevel_ray.problem import BilevelProblem, capability, rng_for
 from bilevel_ray.tree import PyTree
 
 
@@ -60,6 +60,8 @@ def _saga(table: SAGATable, k: int | tuple[int, ...], new: PyTree) -> tuple[PyTr
 
 
 class SABAState(NamedTuple):
+    """State of SABA: the iterates and the SAGA tables (donated by ``step``, see the module docstring)."""
+
     x: PyTree
     y: PyTree
     v: PyTree
@@ -74,13 +76,16 @@ class SABAState(NamedTuple):
 @register("saba")
 @dataclass(frozen=True)
 class SABA(Hyperparams):
+    """SABA (Dagréou et al., NeurIPS 2022): SOBA with SAGA variance reduction and constant steps."""
+
     inner_lr: float = hp(0.1, low=0, doc="ρ, constant step of y and v")
     outer_lr: float = hp(0.01, low=0, doc="γ, constant step of x")
 
     def init(self, problem: BilevelProblem, x: PyTree, y: PyTree, *, seed: int = 0, rank: int = 0) -> SABAState:
+        """Initial state at ``(x, y)``, ``v = 0``, the tables filled with one pass over both datasets."""
         # simulated agents: one table per agent, sized by the largest shard
         ci = co = None
-        if getattr(problem, "stacked", False):
+        if capability(problem, "stacked"):
             ci, co = problem.inner.counts, problem.outer.counts
             ni, no = max(ci), max(co)
         else:
@@ -95,6 +100,7 @@ class SABA(Hyperparams):
         return SABAState(x, y, v, inner, outer, 0, seed, rank, calls)
 
     def step(self, s: SABAState, problem: BilevelProblem, mix: Mix = identity_mix) -> SABAState:
+        """One SABA step; updates ``s``'s tables in place (see the module docstring)."""
         rng = rng_for(s.seed, s.rank, s.t)
         ki, bi = problem.inner.sample(rng)
         ko, bo = problem.outer.sample(rng)

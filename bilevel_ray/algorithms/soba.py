@@ -28,6 +28,8 @@ SCHEDULES = (*POWERS, "cosine")
 
 
 class SOBAState(NamedTuple):
+    """State of SOBA: ``v`` approximates ``−[∇²_yy g]^{-1} ∇_y f``; ``moments`` the outer step rule's."""
+
     x: PyTree
     y: PyTree
     v: PyTree
@@ -41,6 +43,8 @@ class SOBAState(NamedTuple):
 @register("soba")
 @dataclass(frozen=True)
 class SOBA(AdaptiveOuter):
+    """SOBA (Dagréou et al., NeurIPS 2022): single-loop joint steps on ``y``, ``v`` and ``x``."""
+
     inner_lr: float = hp(0.1, low=0, doc="ρ0, step of y and v")
     outer_lr: float = hp(0.01, low=0, doc="γ0, step of x")
     schedule: str = hp("sqrt", choices=SCHEDULES,
@@ -54,11 +58,13 @@ class SOBA(AdaptiveOuter):
         return decay(self.inner_lr, t, a), decay(self.outer_lr, t, b)
 
     def init(self, problem: BilevelProblem, x: PyTree, y: PyTree, *, seed: int = 0, rank: int = 0) -> SOBAState:
+        """Initial state at ``(x, y)`` with ``v = 0``; rejects ``max_kl`` on a problem without ``divergence``."""
         self.check_trust_region(problem)
         return SOBAState(tree.detach(x), tree.detach(y), tree.zeros_like(y), 0, seed, rank, Calls(),
                          self.init_moments(x))
 
     def step(self, s: SOBAState, problem: BilevelProblem, mix: Mix = identity_mix) -> SOBAState:
+        """One SOBA step (see the module docstring)."""
         rng = rng_for(s.seed, s.rank, s.t)
         _, bi = problem.inner.sample(rng)
         _, bo = problem.outer.sample(rng)

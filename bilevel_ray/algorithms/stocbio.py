@@ -18,6 +18,8 @@ from bilevel_ray.tree import PyTree
 
 
 class StocBiOState(NamedTuple):
+    """State of stocBiO: ``y`` warm-starts the next inner loop."""
+
     x: PyTree
     y: PyTree
     t: int
@@ -29,6 +31,8 @@ class StocBiOState(NamedTuple):
 @register("stocbio")
 @dataclass(frozen=True)
 class StocBiO(Hyperparams):
+    """stocBiO (Ji, Yang, Liang, ICML 2021): inner SGD and a Neumann-series hypergradient."""
+
     outer_lr: float = hp(0.01, low=0, doc="α, step of x")
     inner_lr: float = hp(0.1, low=0, doc="step of the inner SGD")
     inner_steps: int = hp(10, low=1, strict=False, doc="T")
@@ -36,9 +40,11 @@ class StocBiO(Hyperparams):
     neumann_lr: float = hp(0.1, low=0, doc="η, scaling of the Neumann series (< 1/L)")
 
     def init(self, problem: BilevelProblem, x: PyTree, y: PyTree, *, seed: int = 0, rank: int = 0) -> StocBiOState:
+        """Initial state at ``(x, y)``."""
         return StocBiOState(tree.detach(x), tree.detach(y), 0, seed, rank, Calls())
 
     def step(self, s: StocBiOState, problem: BilevelProblem, mix: Mix = identity_mix) -> StocBiOState:
+        """One stocBiO step (see the module docstring)."""
         rng = rng_for(s.seed, s.rank, s.t)
         y = inner_sgd(problem, s.x, s.y, self.inner_lr, self.inner_steps, rng, mix)
         _, bi = problem.inner.sample(rng)

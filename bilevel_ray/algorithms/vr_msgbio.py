@@ -20,13 +20,17 @@ from bilevel_ray.tree import PyTree
 @register("vr_msgbio")
 @dataclass(frozen=True)
 class VRMSGBiO(PLHyperparams):
+    """VR-MSGBiO (Huang 2023): MSGBiO with STORM variance-reduced estimators."""
+
     c: float = hp(1.0, low=0, doc="STORM weight: the correction keeps 1 − min(cη_t², 1)")
     m: float = hp(10.0, low=0, doc="offset of η_t = η_0 (m/(m+t))^{1/3}")
 
     def init(self, problem: BilevelProblem, x: PyTree, y: PyTree, *, seed: int = 0, rank: int = 0) -> MomentumState:
+        """Initial state: both estimators at ``(x, y)`` on one minibatch pair."""
         return init_momentum(self, problem, x, y, seed, rank)
 
     def step(self, s: MomentumState, problem: BilevelProblem, mix: Mix = identity_mix) -> MomentumState:
+        """One VR-MSGBiO step (see the module docstring)."""
         eta_t = self.eta * (self.m / (self.m + s.t)) ** (1 / 3)
         x, y = averaged_move(s, self, eta_t, mix)
         rng = rng_for(s.seed, s.rank, s.t)

@@ -6,6 +6,7 @@ simulation and Ray actors. Each backend has ``step()`` (one outer round for ever
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -13,13 +14,11 @@ import torch
 from torch.utils._pytree import tree_map
 
 from bilevel_ray import tree
+from bilevel_ray.decentralized.failures import AgentFailure
 from bilevel_ray.problem import bind, bind_at
 
 __all__ = ["AgentFailure", "SingleBackend", "make_backend", "connect_ray", "average", "consensus_error"]
 
-
-class AgentFailure(RuntimeError):
-    """An agent died during a round; the backend is ready again and wants states to restart from."""
 
 #: every node of a cluster this library starts itself binds here (loopback, never rewritten by Ray)
 LOOPBACK_NODE_IP = "127.0.0.2"
@@ -38,17 +37,21 @@ class SingleBackend:
         self.gossip_last_round = self.latency_last_round = 0.0
 
     def step(self) -> None:
+        """One outer step of the single agent."""
         start = time.perf_counter()
         self.state = self.algo.step(self.state, bind(self.task, self.state))
         self.latency_last_round = time.perf_counter() - start
 
     def states(self) -> list[Any]:
+        """The one agent's state, in a list."""
         return [self.state]
 
     def load_states(self, states: list[Any]) -> None:
+        """Restart from the one state in ``states``."""
         (self.state,) = states
 
     def close(self) -> None:
+        """Nothing to release."""
         pass
 
 
@@ -90,16 +93,19 @@ def connect_ray(address: str | None, cpus: int) -> bool:
 
     if ray.is_initialized():
         return False
+    # Ray's start-up lines (a local instance started, token authentication on) are not for the user to act on
+    quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
     if address is not None:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, **quiet)
         return True
     # address="local": always a new cluster of our own, never one that happens to run on this machine
     ray.init(address="local", _node_ip_address=LOOPBACK_NODE_IP, num_cpus=max(cpus, 2), include_dashboard=False,
-             log_to_driver=False)
+             **quiet)
     return True
 
 
 def average(trees: list[Any]) -> Any:
+    """Leafwise mean of the agents' pytrees."""
     return tree_map(lambda *leaves: torch.stack(leaves).mean(0), *trees)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_map
 
-from bilevel_ray.problem import AgentRNGs, Batch, FiniteSampler
+from bilevel_ray.problem import AgentRNGs, Batch, FiniteSampler, capability
 from bilevel_ray.tree import PyTree
 
 __all__ = ["split_indices", "AgentProblem", "make_agents", "StackedSampler", "StackedProblem", "stack", "unstack"]
@@ -63,18 +63,21 @@ class AgentProblem:
     outer: FiniteSampler
 
     def f(self, x: PyTree, y: PyTree, batch: Batch) -> torch.Tensor:
+        """The task's upper objective on ``batch``."""
         return self.task.f(x, y, batch)
 
     def g(self, x: PyTree, y: PyTree, batch: Batch) -> torch.Tensor:
+        """The task's lower objective on ``batch``."""
         return self.task.g(x, y, batch)
 
     def init(self, *, seed: int = 0):
+        """The task's initial ``(x, y)``."""
         return self.task.init(seed=seed)
 
     def __getattr__(self, name: str) -> Any:
-        if name == "at" and callable(getattr(self.task, "at", None)):  # on-policy tasks, on this agent's shares
+        if name == "at" and capability(self.task, "at") is not None:  # on-policy tasks, on this agent's shares
             return lambda x, y, *, step, rank: self.task.at(x, y, step=step, rank=rank, inner=self.inner, outer=self.outer)
-        if name == "divergence" and callable(getattr(self.task, "divergence", None)):  # trust regions
+        if name == "divergence" and capability(self.task, "divergence") is not None:  # trust regions
             return self.task.divergence
         raise AttributeError(name)
 
@@ -111,6 +114,7 @@ def stack(trees: Sequence[PyTree]) -> PyTree:
 
 
 def unstack(tree: PyTree, n: int) -> list[PyTree]:
+    """The ``n`` per-agent pytrees of a stacked one (the inverse of :func:`stack`)."""
     return [tree_map(lambda t: t[i], tree) for i in range(n)]
 
 
@@ -132,12 +136,14 @@ class StackedSampler:
         return tuple(s.batch(min(index, s.num_batches - 1)) for s in self.samplers)
 
     def sample(self, rng: AgentRNGs) -> tuple[tuple[int, ...], tuple[Batch, ...]]:
+        """Every agent's ``(index, batch)``, each drawn with its own generator in ``rng``."""
         if not isinstance(rng, AgentRNGs) or len(rng.generators) != len(self.samplers):
             raise TypeError("StackedSampler.sample: needs one generator per agent (a state with stacked ranks)")
         draws = [s.sample(g) for s, g in zip(self.samplers, rng.generators)]
         return tuple(k for k, _ in draws), tuple(b for _, b in draws)
 
     def full(self) -> tuple[Batch, ...]:
+        """Every agent's whole shard as one batch."""
         return tuple(s.full() for s in self.samplers)
 
 
@@ -159,15 +165,17 @@ class StackedProblem:
         return total
 
     def f(self, x: PyTree, y: PyTree, batches: tuple[Batch, ...]) -> torch.Tensor:
+        """``Σ_i f_i(X[i], Y[i], batches[i])``."""
         return self._sum("f", x, y, batches)
 
     def g(self, x: PyTree, y: PyTree, batches: tuple[Batch, ...]) -> torch.Tensor:
+        """``Σ_i g_i(X[i], Y[i], batches[i])``."""
         return self._sum("g", x, y, batches)
 
     def __getattr__(self, name: str) -> Any:
-        if name == "at" and callable(getattr(self.agents[0], "at", None)):  # on-policy: bind every agent
+        if name == "at" and capability(self.agents[0], "at") is not None:  # on-policy: bind every agent
             return self._at
-        if name == "divergence" and callable(getattr(self.agents[0], "divergence", None)):  # one per agent
+        if name == "divergence" and capability(self.agents[0], "divergence") is not None:  # one per agent
             return self._divergence
         raise AttributeError(name)
 
@@ -180,6 +188,7 @@ class StackedProblem:
                                for i, (a, r) in enumerate(zip(self.agents, rank))])
 
     def init(self, *, seed: int = 0):
+        """The first agent's initial ``(x, y)``, stacked once per agent."""
         x, y = self.agents[0].init(seed=seed)
         n = len(self.agents)
         return stack([x] * n), stack([y] * n)

@@ -35,6 +35,7 @@ class TopologyMixing:
         object.__setattr__(self, "_mats", mats)
 
     def __call__(self, t: int) -> np.ndarray:
+        """``W_t``, the mixing matrix of round ``t``."""
         return self._mats[t % len(self._mats)]
 
     @property

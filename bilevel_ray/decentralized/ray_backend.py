@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from bilevel_ray.decentralized.backends import AgentFailure
+from bilevel_ray.decentralized.failures import AgentFailure, AgentRestarted
 from bilevel_ray.decentralized.data import AgentProblem
 from bilevel_ray.decentralized.transport import RoundAborted, Transport, shm_dir
 from bilevel_ray.problem import bind, bind_at
-from bilevel_ray.runtime import tune_process
+from bilevel_ray.runtime import prepare_process
 from bilevel_ray.tree import PyTree
 
 __all__ = ["RayBackend", "AgentWorker"]
@@ -35,22 +35,30 @@ __all__ = ["RayBackend", "AgentWorker"]
 class AgentWorker:
     """The body of one agent actor (a thin shell: the algorithm step does the work)."""
 
-    def __init__(self, algo: Any, problem: AgentProblem, rank: int, n: int,
-                 mixing_at: Callable[[int], np.ndarray], seed: int, *, name: str, transport: str = "auto",
-                 torch_threads: int = 1):
-        tune_process(torch_threads)
-        self.algo, self.problem, self.rank, self.n = algo, problem, rank, n
-        self.mixing_at = mixing_at
-        x, y = problem.init(seed=seed)
-        self.state = algo.init(bind_at(problem, x, y, rank=rank), x, y, seed=seed, rank=rank)
+    def __init__(self, rank: int, n: int, seed: int, *, name: str, transport: str = "auto", torch_threads: int = 1):
+        prepare_process(torch_threads)
+        self.rank, self.n, self.seed = rank, n, seed
+        self.algo: Any = None
         self.transport = Transport(name, rank, transport)
         self.gossip_round, self.gossip_seconds = 0, 0.0
+
+    def setup(self, parts: list[Any]) -> None:
+        """Build this agent from object refs of ``[algorithm, its problem, mixing schedule]``, once (a
+        restarted actor is set up again by the driver, then loads the states to replay from)."""
+        if self.algo is not None:
+            return
+        import ray
+
+        self.algo, self.problem, self.mixing_at = ray.get(parts)
+        x, y = self.problem.init(seed=self.seed)
+        self.state = self.algo.init(bind_at(self.problem, x, y, rank=self.rank), x, y, seed=self.seed, rank=self.rank)
 
     def set_peers(self, peers: dict[int, Any], nodes: dict[int, str]) -> None:
         """Neighbour handles and the node each runs on (same-node peers gossip through shared memory)."""
         self.transport.connect(peers, nodes)
 
     def deliver(self, epoch: int, gossip_round: int, src: int, payload: np.ndarray) -> None:
+        """Receive neighbour ``src``'s buffer of a gossip round sent through the object store."""
         self.transport.deliver(epoch, gossip_round, src, payload)
 
     def abort(self) -> None:
@@ -92,6 +100,8 @@ class AgentWorker:
     def step(self) -> dict[str, Any]:
         """One round; reports the bytes sent, the round's seconds, those spent exchanging with neighbours
         (``gossip``, waiting for them included) and the task's own phases (``phases``, e.g. rollouts)."""
+        if self.algo is None:
+            raise AgentRestarted(f"agent {self.rank}: restarted by Ray and not set up again yet")
         tr = self.transport
         start, sent, shared = time.perf_counter(), tr.bytes_sent, tr.bytes_shared
         timings = getattr(getattr(self.problem, "task", self.problem), "timings", {})  # a task's phases, if any
@@ -104,9 +114,13 @@ class AgentWorker:
                 "phases": {k: v - before.get(k, 0.0) for k, v in timings.items()}}
 
     def get_state(self) -> Any:
+        """This agent's algorithm state."""
+        if self.algo is None:
+            raise AgentRestarted(f"agent {self.rank}: restarted by Ray and not set up again yet")
         return self.state
 
     def node_id(self) -> str:
+        """Id of the Ray node this actor runs on."""
         import ray
         return ray.get_runtime_context().get_node_id()
 
@@ -134,16 +148,17 @@ class RayBackend:
         ray.get(self.pg.ready(), timeout=120)
         actor_cls = ray.remote(AgentWorker)
         self.name = name or f"bilevel-ray-{uuid.uuid4().hex[:8]}"
-        # constructor arguments live in the object store, held here so Ray can re-run a restarted
-        # actor's constructor (inline arguments would be freed after the first construction)
+        # what an agent is built from lives in the object store, held here for as long as the backend:
+        # _rewire hands it to new and restarted actors (constructors take no object refs, which Ray
+        # could not guarantee to a restarted actor)
         algo_ref, mixing_ref = ray.put(algo), ray.put(mixing_at)
-        self._args = [(algo_ref, ray.put(agent), mixing_ref) for agent in agents]
+        self._parts = [[algo_ref, ray.put(agent), mixing_ref] for agent in agents]
         self.actors = [
             actor_cls.options(num_cpus=cpus_per_agent, max_concurrency=4, max_restarts=max_restarts,
                               name=f"{self.name}-agent-{i}", scheduling_strategy=
                               PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=first_bundle + i)
-                              ).remote(a, p, i, self.n, m, seed, name=self.name, transport=transport)
-            for i, (a, p, m) in enumerate(self._args)]
+                              ).remote(i, self.n, seed, name=self.name, transport=transport)
+            for i in range(self.n)]
         self._rewire()
         self.owns_ray = owns_ray  # close() also shuts down the Ray session this run started
         self.epoch = 0
@@ -168,7 +183,7 @@ class RayBackend:
             try:
                 reports.append(ray.get(done[0]))
                 continue
-            except (RayActorError, ActorUnavailableError):
+            except (RayActorError, ActorUnavailableError, AgentRestarted):
                 dead = True
             except Exception as e:  # noqa: BLE001 - raised below unless a dead actor explains it
                 errors.append(e)
@@ -191,13 +206,15 @@ class RayBackend:
                                   for k in reports[0]["phases"]}
 
     def _rewire(self, timeout: float = 120.0) -> None:
-        """Wait for (restarted) actors to come up and give every actor its peers and their nodes."""
+        """Wait for (restarted) actors to come up, set up those that are new, and give every actor its
+        peers and their nodes."""
         import ray
         from ray.exceptions import ActorUnavailableError
 
         deadline = time.monotonic() + timeout
         while True:
             try:
+                ray.get([a.setup.remote(p) for a, p in zip(self.actors, self._parts)], timeout=timeout)
                 nodes = dict(enumerate(ray.get([a.node_id.remote() for a in self.actors], timeout=timeout)))
                 peers = dict(enumerate(self.actors))
                 ray.get([a.set_peers.remote(peers, nodes) for a in self.actors], timeout=timeout)
@@ -208,10 +225,12 @@ class RayBackend:
                 time.sleep(0.1)
 
     def load_states(self, states: list[Any]) -> None:
+        """Restart agent ``i`` from ``states[i]`` in a new gossip epoch."""
         self.epoch += 1
         self._on_all(lambda i, a: a.load_state.remote(states[i], self.epoch))
 
     def states(self) -> list[Any]:
+        """Every agent's state, fetched from its actor."""
         return self._on_all(lambda i, a: a.get_state.remote())
 
     def _on_all(self, call: Callable[[int, Any], Any]) -> list[Any]:
@@ -221,15 +240,18 @@ class RayBackend:
 
         try:
             return ray.get([call(i, a) for i, a in enumerate(self.actors)])
-        except (RayActorError, ActorUnavailableError):
+        except (RayActorError, ActorUnavailableError, AgentRestarted):
             self._rewire()
             raise AgentFailure("an agent actor failed and was restarted") from None
 
     def node_ids(self) -> list[str]:
+        """The Ray node of each agent's actor."""
         import ray
         return ray.get([a.node_id.remote() for a in self.actors])
 
     def close(self) -> None:
+        """Kill the actors, remove their placement group (if owned) and shared-memory files, and shut down Ray
+        if this run started it."""
         import ray
         from ray.util.placement_group import remove_placement_group
 

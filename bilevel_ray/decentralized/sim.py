@@ -44,6 +44,7 @@ class MatrixMix:
         self.seconds = 0.0
 
     def __call__(self, tree: PyTree) -> PyTree:
+        """``W X`` for every leaf, counting the bytes and seconds a real gossip would take."""
         start = time.perf_counter()
         self.bytes += self.edges * sum(t[0].numel() * t.element_size() for t in _leaves(tree))
         out = tree_map(lambda t: torch.tensordot(self.w.to(t.dtype), t, dims=1), tree)
@@ -71,6 +72,7 @@ class SimBackend:
         self.gossip_last_round = self.latency_last_round = 0.0
 
     def step(self) -> None:
+        """One outer round for every agent at once, gossip by the round's ``W``."""
         start = time.perf_counter()
         mix = MatrixMix(self.mixing_at(self.state.t))
         self.state = self.algo.step(self.state, bind(self.problem, self.state), mix)
@@ -101,6 +103,7 @@ class SimBackend:
         self.state = type(self.state)(**fields)
 
     def close(self) -> None:
+        """Nothing to release."""
         pass
 
 

@@ -81,6 +81,7 @@ class Topology:
         return count
 
     def is_connected(self) -> bool:
+        """Whether the graph has a single connected component."""
         return self.n_components() == 1
 
 

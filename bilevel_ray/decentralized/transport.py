@@ -118,11 +118,13 @@ class Transport:
     # ---- called from Ray's threads while a round may be waiting ----
 
     def deliver(self, epoch: int, gossip_round: int, src: int, payload: np.ndarray) -> None:
+        """File ``src``'s object-store buffer of round ``gossip_round`` (dropped if from an old epoch)."""
         if epoch == self.epoch:  # a message of an aborted round is dropped
             self.remote[(epoch, gossip_round, src)] = payload
             self._post(self.inbox, _REMOTE, epoch, gossip_round, src, 0, 0)
 
     def abort(self) -> None:
+        """Wake a round waiting on the inbox and make it raise :class:`RoundAborted`."""
         self._post(self.inbox, _ABORT, self.epoch, -1, self.rank, 0, 0)
 
     @staticmethod
@@ -229,6 +231,7 @@ class Transport:
     # ---- teardown ----
 
     def close_peers(self) -> None:
+        """Close the write ends of the peers' inboxes and drop the mappings of their slots."""
         for fd in self.outs.values():
             os.close(fd)
         self.outs.clear()

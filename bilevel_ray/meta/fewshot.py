@@ -22,7 +22,7 @@ import torch
 
 from bilevel_ray.files import atomic_write
 from bilevel_ray.meta.learners import KINDS, episode_task_logits
-from bilevel_ray.tasks.vision.augment import RandomAffine, warp
+from bilevel_ray.meta.augment import RandomAffine, warp
 
 __all__ = ["FORMAT", "Prediction", "FewShotLearner", "load", "Evaluation", "evaluate", "mean_ci95"]
 
@@ -30,6 +30,8 @@ FORMAT = "bilevel-ray-fewshot/1"
 
 
 class Prediction(NamedTuple):
+    """Predicted ``labels`` of the query images and the ``logits`` they are the argmax of."""
+
     labels: torch.Tensor
     logits: torch.Tensor
 
@@ -77,15 +79,17 @@ class FewShotLearner:
 
     @property
     def size(self) -> int:
+        """Side of the square images the learner takes (28 unless trained otherwise)."""
         return int(self.hyper.get("size", 28))
 
     @property
     def dtype(self) -> torch.dtype:
+        """Dtype of the meta-parameters."""
         return next(iter(self.params.values())).dtype
 
     def with_support_warps(self, copies: int, magnitude: float = 1.0) -> "FewShotLearner":
         """This learner adapting to each support drawing plus ``copies`` randomly warped copies of it
-        (:class:`~bilevel_ray.tasks.vision.augment.RandomAffine` of ``magnitude``; test-time augmentation of
+        (:class:`~bilevel_ray.meta.augment.RandomAffine` of ``magnitude``; test-time augmentation of
         the support set: prototypes average the copies, heads and MAML's steps fit them all). The warps
         come from fixed seeds, so a prediction is a pure function of the support and query images.
         ``copies=0`` turns them off."""

@@ -1,7 +1,7 @@
 """Episodic few-shot learners with per-task inner problems batched over the meta-batch (``torch.func.vmap``).
 
 Every function of one task takes ``(support, support_labels, query, query_labels)`` of that task and the
-shared meta-parameters ``theta`` (the backbone of :mod:`bilevel_ray.tasks.vision.backbone`, plus a
+shared meta-parameters ``theta`` (the backbone of :mod:`bilevel_ray.meta.backbone`, plus a
 ``head.*`` pair when the head is meta-learned); ``vmap`` maps it over the tasks of an episode.
 
 - MAML (Finn, Abbeel, Levine 2017): ``steps`` SGD steps on the support loss from ``theta``, query loss
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, grad_and_value, vjp, vmap
 
-from bilevel_ray.tasks.vision.backbone import embed, embed_tasks, feature_dim, features
+from bilevel_ray.meta.backbone import embed, embed_tasks, feature_dim, features
 
 __all__ = ["KINDS", "BATCHINGS", "check_batching", "meta_params", "with_head", "forward", "maml_adapt",
            "maml_task_loss", "maml_tasks_logits", "imaml_solve", "imaml_task_grad", "proto_logits",
@@ -152,7 +152,7 @@ def maml_meta_grad(theta: Params, episode: Any, *, steps: int, lr: float, first_
                    ) -> tuple[torch.Tensor, Params]:
     """``(mean query loss, meta-gradient)`` of (first-order) MAML over the episode's tasks, all tasks at
     once: ``theta`` broadcast along a task axis, each task's SGD steps as one grouped network
-    (:func:`~bilevel_ray.tasks.vision.backbone.embed_tasks`), the query loss differentiated back through
+    (:func:`~bilevel_ray.meta.backbone.embed_tasks`), the query loss differentiated back through
     the steps by ``torch.autograd`` (``create_graph`` unless ``first_order``). Equals the vmapped
     :func:`maml_task_loss` form."""
     tasks, ways = episode.classes.shape

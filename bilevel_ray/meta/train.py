@@ -13,7 +13,7 @@ import torch
 from bilevel_ray.algorithms.base import cosine_decay
 from bilevel_ray.meta.fewshot import FewShotLearner
 from bilevel_ray.meta.learners import check_batching, meta_loss_and_grad, meta_params
-from bilevel_ray.tasks.vision.backbone import init_backbone
+from bilevel_ray.meta.backbone import init_backbone
 
 __all__ = ["DEFAULTS", "SCHEDULES", "meta_train"]
 

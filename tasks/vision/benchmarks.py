@@ -36,6 +36,7 @@ def learn2learn_tasksets(name: str, *, root: str | Path = "~/data", download: bo
     if missing and not download:
         raise FileNotFoundError(f"benchmark {name}: missing {', '.join(map(str, missing))}; put them there or "
                                 "pass download=True on a machine with internet")
-    from learn2learn.vision.benchmarks import get_tasksets
+    from bilevel_ray.tasks.vision.l2l import import_learn2learn
 
+    get_tasksets = import_learn2learn().vision.benchmarks.get_tasksets
     return get_tasksets(name, root=str(Path(root).expanduser()), **kwargs)

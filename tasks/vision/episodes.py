@@ -30,6 +30,7 @@ class Episode(NamedTuple):
 
     @property
     def ways(self) -> int:
+        """Classes per task."""
         return self.classes.shape[1]
 
 
@@ -64,6 +65,7 @@ class ClassPool:
 
     @property
     def min_count(self) -> int:
+        """Drawings of the smallest class."""
         return int(self._counts.min())
 
     def split_drawings(self, first: int) -> tuple["ClassPool", "ClassPool"]:
@@ -103,7 +105,7 @@ def _pick(rng: np.random.Generator, counts: np.ndarray, n: int) -> np.ndarray:
 class EpisodeSampler:
     """Meta-batches of ``ways``-way ``shots``-shot tasks with ``queries`` query drawings per class.
     ``query_pool`` (same classes, other drawings) supplies the queries when given; ``augment`` (e.g.
-    :class:`~bilevel_ray.tasks.vision.augment.RandomAffine`, for training) warps every drawing with
+    :class:`~bilevel_ray.meta.augment.RandomAffine`, for training) warps every drawing with
     parameters drawn from the same generator."""
 
     pool: ClassPool
@@ -160,6 +162,7 @@ class EpisodeSampler:
                        torch.from_numpy(classes))
 
     def sample(self, rng: np.random.Generator) -> tuple[int, Episode]:
+        """``(-1, episode)``: one meta-batch drawn with ``rng`` (an infinite stream)."""
         return -1, self.episodes(rng)
 
 
@@ -169,8 +172,9 @@ def learn2learn_tasks(pool: ClassPool, ways: int, shots: int, queries: int, *, n
     ``ConsecutiveLabels``; with ``rotations=4`` every rotated copy is a class of its own. A task is
     ``(images (ways·(shots+queries), 1, S, S) in [0, 1], labels)`` grouped by class, shots first
     (split with :func:`split_l2l_task`). learn2learn draws from Python's ``random`` module."""
-    import learn2learn as l2l
+    from bilevel_ray.tasks.vision.l2l import import_learn2learn
 
+    l2l = import_learn2learn()
     n_base = len(pool._counts)
     rows = [(c * pool.rotations + r, j) for c in range(n_base) for r in range(pool.rotations)
             for j in range(pool._counts[c])]

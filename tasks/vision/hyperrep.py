@@ -1,7 +1,7 @@
 """Few-shot Omniglot as a hyper-representation bilevel problem (Franceschi et al. 2018; Bertinetto et
 al. 2019), solvable by every core algorithm and on every backend.
 
-Upper variable ``x``: the conv backbone (:mod:`~bilevel_ray.tasks.vision.backbone`). Lower variable
+Upper variable ``x``: the conv backbone (:mod:`~bilevel_ray.meta.backbone`). Lower variable
 ``y``: a table of linear class heads, one row ``[w_c, b_c]`` per training class (rotated copies are
 classes of their own). A task is an N-way episode; its linear head is the N rows of its classes, so
 class identity persists across tasks and ``y`` is a genuine shared lower-level variable:
@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from bilevel_ray.params import hp
 from bilevel_ray.tasks import Task, register_task
 from bilevel_ray.tasks._data import DTYPES
-from bilevel_ray.tasks.vision.augment import RandomAffine
-from bilevel_ray.tasks.vision.backbone import feature_dim, features, init_backbone
+from bilevel_ray.meta.augment import RandomAffine
+from bilevel_ray.meta.backbone import feature_dim, features, init_backbone
 from bilevel_ray.tasks.vision.episodes import ClassPool, EpisodeSampler
 from bilevel_ray.tasks.vision.omniglot import SPLITS, load_omniglot
 
@@ -56,6 +56,9 @@ HEADS = ("linear", "prototype")
 @register_task("omniglot")
 @dataclass(frozen=True)
 class OmniglotTask(Task):
+    """Few-shot Omniglot as hyper-representation learning: backbone ``x``, class heads or centres ``y``
+    (see the module docstring)."""
+
     root: str | None = hp(None, doc="folder holding the Omniglot zips (default: $BILEVEL_RAY_DATA, ../shared/data/omniglot)")
     train_split: str = hp("images_background_small1", choices=SPLITS, doc="meta-training characters")
     test_split: str | None = hp("images_background_small2", choices=(*SPLITS, None),
@@ -149,6 +152,8 @@ class OmniglotTask(Task):
         return F.cross_entropy(*self._logits(x, y, batch))
 
     def g(self, x: dict[str, torch.Tensor], y: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Lower objective on the support ``batch``: the heads' cross-entropy, or the prototype rows' squared
+        distances to the support features, plus the ridge term."""
         ridge = 0.5 * self.reg * (y * y).sum()
         if self.head == "linear":
             return self._loss(x, y, batch) + ridge
@@ -163,9 +168,11 @@ class OmniglotTask(Task):
         return 0.5 * (sq / count).sum() + ridge
 
     def f(self, x: dict[str, torch.Tensor], y: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Upper objective: cross-entropy of the query ``batch`` under the rows of ``y``."""
         return self._loss(x, y, batch)
 
     def init(self, *, seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """A fresh backbone from ``seed`` and a zero row of ``y`` per training class."""
         x = init_backbone(width=self.width, depth=self.depth, seed=seed, dtype=DTYPES[self.dtype])
         dim = feature_dim(x, self.data.images.shape[-1]) + (self.head == "linear")
         return x, torch.zeros(self.num_classes, dim, dtype=DTYPES[self.dtype])
@@ -208,6 +215,8 @@ class OmniglotTask(Task):
         return FewShotLearner("hyperrep", {k: v.detach() for k, v in x.items()}, hyper)
 
     def metrics(self, x: dict[str, torch.Tensor], y: torch.Tensor) -> dict[str, float]:
+        """Query loss and accuracy on the fixed query set and, with a ``test_split``, few-shot ``test_acc``
+        on its unseen alphabets."""
         with torch.no_grad():  # one forward pass for both (f is the cross-entropy of these logits)
             logits, labels = self._logits(x, y, self.outer.full())
         out = {"outer_objective": float(F.cross_entropy(logits, labels)),

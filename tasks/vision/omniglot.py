@@ -26,8 +26,8 @@ DATA_ENV = "BILEVEL_RAY_DATA"
 #: the original release's splits, by name
 SPLITS = ("images_background", "images_evaluation", "images_background_small1", "images_background_small2")
 _REPO = Path(__file__).resolve().parents[2]  # the checkout, for an editable install
-_SEARCH = (Path("../shared/data/omniglot"), _REPO.parent / "shared" / "data" / "omniglot", Path("data/omniglot"),
-           Path.home() / ".cache" / "bilevel-ray" / "omniglot")
+_SEARCH = (_REPO / "data" / "omniglot", Path("data/omniglot"), Path("../shared/data/omniglot"),
+           _REPO.parent / "shared" / "data" / "omniglot", Path.home() / ".cache" / "bilevel-ray" / "omniglot")
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class OmniglotData:
 
     @property
     def alphabets(self) -> tuple[str, ...]:
+        """The alphabets of these characters, sorted."""
         return tuple(sorted({a for a, _ in self.classes}))
 
     def select(self, *, alphabets: list[str] | tuple[str, ...] | None = None,
@@ -63,13 +64,15 @@ class OmniglotData:
 
 def find_omniglot(split: str, root: str | os.PathLike | None = None) -> Path:
     """Where split ``split`` lies: ``root`` (a folder holding ``<split>.zip`` or ``<split>/``, or the zip
-    or folder itself), else ``$BILEVEL_RAY_DATA``, ``../shared/data/omniglot`` (from the working directory
-    and from the checkout), ``data/omniglot`` and ``~/.cache/bilevel-ray/omniglot``. Raises ``FileNotFoundError`` naming every place looked at."""
+    or folder itself), else ``$BILEVEL_RAY_DATA``, the checkout's ``data/omniglot`` (the minimal splits ship
+    there), ``data/omniglot`` and ``../shared/data/omniglot`` from the working directory and next to the
+    checkout, and ``~/.cache/bilevel-ray/omniglot``. Raises ``FileNotFoundError`` naming every place looked at."""
     if root is not None and (Path(root).suffix == ".zip" or Path(root).name == split):
         if Path(root).exists():
             return Path(root)
         raise FileNotFoundError(f"Omniglot split {split!r}: {root} does not exist")
-    bases = [Path(root)] if root else [*( [Path(os.environ[DATA_ENV])] if os.environ.get(DATA_ENV) else []), *_SEARCH]
+    bases = [Path(root)] if root else [*( [Path(os.environ[DATA_ENV])] if os.environ.get(DATA_ENV) else []),
+                                       *_SEARCH]
     looked = []
     for base in bases:
         for cand in (base / f"{split}.zip", base / split, base / "omniglot" / f"{split}.zip"):

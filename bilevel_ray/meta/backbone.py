@@ -89,6 +89,7 @@ def features(params: Params, images: torch.Tensor, temperature: float, *, channe
 
 
 def feature_dim(params: Params, size: int = 28) -> int:
+    """Length of :func:`embed`'s features for ``size``×``size`` images."""
     depth, width = 0, 0
     while f"conv{depth}.weight" in params:
         width = params[f"conv{depth}.weight"].shape[0]
@@ -122,6 +123,7 @@ class ConvNet(nn.Module):
         self.to(next(iter(params.values())).dtype)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Head logits ``(n, ways)`` of images ``(n, 1, S, S)``."""
         h = 1.0 - images
         for i in range(self.depth):
             h = F.max_pool2d(F.relu(getattr(self, f"norm{i}")(getattr(self, f"conv{i}")(h))), 2)
