@@ -23,7 +23,7 @@ point; the point reaching the target in the least CPU time wins; if none reaches
 lowest final suboptimality are re-run with the full budget and the best of those wins.
 
     .venv/bin/python benchmarks/hpo.py [--dataset all|breast_cancer|synthetic] [--budget-seconds 12]
-                                       [--target REL] [--algorithms soba saba ...] [--tune]
+                                       [--target REL] [--algorithms soba saba ...] [--tune] [--smoke]
 """
 
 from __future__ import annotations
@@ -91,6 +91,12 @@ SETTINGS: dict[str, dict[str, tuple[float, float]]] = {
         "saba": (100.0, 0.3), "soba": (30.0, 0.3), "stocbio": (100.0, 0.3), "vr_msgbio": (100.0, 0.3),
     },
 }
+
+
+def tunable() -> list[str]:
+    """Every registered algorithm with an outer step size (``outer_lr``; MAML-TRPO's trust-region step is
+    meta-RL only)."""
+    return [name for name in algorithms.available() if "outer_lr" in algorithms.get(name).field_docs()]
 
 
 def hyper(name: str, outer_lr: float, inner_lr: float) -> dict[str, Any]:
@@ -166,13 +172,18 @@ def main() -> None:
                         help="relative to h(x0) − h*; default per dataset, see TARGETS")
     parser.add_argument("--max-steps", type=int, default=100_000)
     parser.add_argument("--eval-every", type=int, default=25)
-    parser.add_argument("--algorithms", nargs="+", default=None, help="default: all registered")
+    parser.add_argument("--algorithms", nargs="+", default=None,
+                        help="default: every registered algorithm with an outer_lr")
     parser.add_argument("--tune", action="store_true", help="grid-search the step sizes first")
     parser.add_argument("--tune-budget", type=float, default=4.0, help="CPU seconds per grid point")
+    parser.add_argument("--smoke", action="store_true", help="smoke run (seconds): 10 steps per run (evaluated "
+                        "every 5), budgets of 0.2 CPU seconds")
     args = parser.parse_args()
+    if args.smoke:
+        args.max_steps, args.eval_every, args.budget_seconds, args.tune_budget = 10, 5, 0.2, 0.2
     warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
     torch.set_num_threads(1)
-    names = args.algorithms or algorithms.available()
+    names = args.algorithms or tunable()
     datasets = list(DATASETS) if args.dataset == "all" else [args.dataset]
     for ds in datasets:
         task = make_task("logreg_hpo", **DATASETS[ds])

@@ -12,7 +12,7 @@ Results are merged into ``docs/results/meta_rl.json`` (one entry per environment
 with the table into ``docs/results/meta_rl.md`` and ``meta_rl.png``:
 
     .venv/bin/python benchmarks/meta_rl.py --envs nav --methods soba maml_trpo    # the 2-D navigation rows
-    .venv/bin/python benchmarks/meta_rl.py --quick      # smoke run: 2 meta-steps per method, seconds
+    .venv/bin/python benchmarks/meta_rl.py --smoke      # smoke run: 2 meta-steps per method on tiny tasks, seconds
     .venv/bin/python benchmarks/meta_rl.py --speed-only # environment steps per second, in-process vs Ray
     .venv/bin/python benchmarks/meta_rl.py --profile 10 # where a meta-step's time goes, per method
 """
@@ -25,6 +25,7 @@ import os
 import platform
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,6 +49,9 @@ CONFIGS = {
 ENVS = sorted({e for e, _ in CONFIGS})
 METHODS = sorted({m for _, m in CONFIGS}, key=lambda m: [k for _, k in CONFIGS].index(m))
 RESULTS = ROOT / "docs" / "results"
+#: config overrides of a smoke run (``--smoke``): tiny tasks and policies, 2 meta-steps
+SMOKE = ["task.train_tasks=4", "task.meta_batch=4", "task.episodes=2", "task.horizon=10", "task.width=8",
+         "task.eval_tasks=2", "task.eval_episodes=2", "run.steps=2", "run.eval_every=1"]
 
 
 def train(env: str, method: str, args: argparse.Namespace) -> dict:
@@ -56,9 +60,7 @@ def train(env: str, method: str, args: argparse.Namespace) -> dict:
     from bilevel_ray.decentralized.backends import average
     from bilevel_ray.runner import Diverged, run
 
-    overrides = [f"run.seed={args.seed}", "run.progress=false", *args.set]
-    if args.quick:
-        overrides += ["run.steps=2", "run.eval_every=1", "task.eval_tasks=2", "task.eval_episodes=2"]
+    overrides = [f"run.seed={args.seed}", "run.progress=false", *(SMOKE if args.smoke else []), *args.set]
     cfg = load_config(ROOT / CONFIGS[env, method], overrides)
     out = Path(args.out) / f"{env}_{method}"
     task = cfg.task
@@ -98,7 +100,7 @@ def evaluate(entry: dict, args: argparse.Namespace) -> dict:
     """Before/after 1..K adaptation steps on fresh tasks, mean and 95% half-width over tasks."""
     from bilevel_ray.meta.fewshot import mean_ci95
 
-    n, episodes = (4, 2) if args.quick else (args.tasks, args.episodes)
+    n, episodes = (4, 2) if args.smoke else (args.tasks, args.episodes)
     returns = entry["policy"].evaluate(tasks=n, episodes=episodes, adapt_steps=args.adapt_steps, seed=args.seed + 1)
     for k in range(returns.shape[0]):
         key = "before" if k == 0 else f"after{k}"
@@ -167,7 +169,7 @@ def profile(env: str, method: str, args: argparse.Namespace) -> dict[str, float]
     from bilevel_ray.config import load_config
     from bilevel_ray.decentralized.backends import make_backend
 
-    cfg = load_config(ROOT / CONFIGS[env, method], [f"run.seed={args.seed}", *args.set])
+    cfg = load_config(ROOT / CONFIGS[env, method], [f"run.seed={args.seed}", *(SMOKE if args.smoke else []), *args.set])
     backend = make_backend(cfg.task, cfg.algorithm, cfg.decentralized, seed=args.seed)
     try:
         for _ in range(2):  # warm-up: vector environments, Ray actors
@@ -219,15 +221,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--episodes", type=int, default=20, help="episodes per task and adaptation step")
     parser.add_argument("--adapt-steps", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
-    parser.add_argument("--out", default="runs/bench", help="run folders (metrics, checkpoints, learners)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every run (after --smoke's)")
+    parser.add_argument("--out", help="run folders (metrics, checkpoints, learners; a smoke run's results too); "
+                        "default runs/bench, a new temporary folder with --smoke")
     parser.add_argument("--workers", type=int, default=2, help="Ray rollout actors in the speed test")
-    parser.add_argument("--quick", action="store_true", help="2 meta-steps per method, small evaluation (smoke)")
+    parser.add_argument("--smoke", action="store_true", help="smoke run (seconds): 2 meta-steps per method on tiny "
+                        "tasks, small evaluation and speed test; results go under --out, not docs/results/")
     parser.add_argument("--speed-only", action="store_true")
     parser.add_argument("--profile", type=int, metavar="STEPS",
                         help="only time STEPS meta-steps of each method and print where they go")
     parser.add_argument("--gif", metavar="GIF", help="write one adapted navigation policy's GIF (first nav method)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.out = args.out or (tempfile.mkdtemp(prefix="meta_rl_smoke_") if args.smoke else "runs/bench")
+    return args
 
 
 def main() -> None:
@@ -267,13 +274,13 @@ def main() -> None:
                     write_adaptation_gif(entry["policy"], args.gif, seed=args.seed)
                     print(f"video: {args.gif}")
                     args.gif = None
-        # a smoke run (--quick) writes under --out, leaving the published figures alone
-        folder = Path(args.out) / "results" if args.quick else RESULTS
+        # a smoke run (--smoke) writes under --out, leaving the published figures alone
+        folder = Path(args.out) / "results" if args.smoke else RESULTS
         print(f"results: {write_results(entries, command, folder)}")
     print(f"environment steps per second, one process vs {args.workers} Ray rollout actors (same request, same episodes):")
     for env_id, tasks, episodes, horizon in (("BilevelRay/Navigation2D-v0", 20, 20, 100),
                                              ("BilevelRay/HalfCheetahVel-v0", 8, 10, 200)):
-        if args.quick:
+        if args.smoke:
             tasks, episodes, horizon = 2, 2, 20
         one, ray_ = speed(env_id, args.workers, tasks, episodes, horizon)
         print(f"{env_id:<30} one process {one:>9.0f}  ray x{args.workers} {ray_:>9.0f}  ratio {ray_ / one:.2f}", flush=True)

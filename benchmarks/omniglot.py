@@ -41,7 +41,7 @@ without) and subnormal floats flushed to zero (``BILEVEL_RAY_DENORMALS=keep``).
 
     .venv/bin/python benchmarks/omniglot.py [--budget 4] [--tasks 600] [--methods soba bome dsbo maml protonet ridge]
                                             [--width 32] [--threads 2] [--speed-iters 10 (0: no speed test)]
-                                            [--support-warps 8 (0: none)] [--train-acc] [--save DIR] [--quick]
+                                            [--support-warps 8 (0: none)] [--train-acc] [--save DIR] [--smoke]
                                             [--set KEY=VALUE ... (SOBA/BOME/DSBO config)] [--steps N]
 """
 
@@ -73,6 +73,8 @@ SETTINGS = ((5, 1), (5, 5), (20, 1))
 #: (64 channels, 32 tasks, 2×shots samples per class split into support and query), then the setting
 #: the accuracy table trains MAML with here, then that with 15 queries per class
 SPEED_SETTINGS = ((64, 32, 1), (32, 16, 5), (32, 16, 15))
+#: the speed test's one setting in a smoke run (``--smoke``)
+SMOKE_SPEED_SETTINGS = ((8, 2, 1),)
 #: magnitude of the random affine warps of the episodic baselines' training drawings (:class:`RandomAffine`;
 #: the hyper-representation configs set their own, ``task.augment``)
 AUGMENT = 0.5
@@ -170,13 +172,13 @@ def maml_speed(pool: ClassPool, width: int, batch: int, queries: int, iters: int
     return out
 
 
-def speed_test(pool: ClassPool, iters: int) -> None:
-    """Print the MAML speed table: :func:`maml_speed` in each of ``SPEED_SETTINGS``."""
+def speed_test(pool: ClassPool, iters: int, settings: tuple[tuple[int, int, int], ...] = SPEED_SETTINGS) -> None:
+    """Print the MAML speed table: :func:`maml_speed` in each (width, meta-batch, queries) of ``settings``."""
     print("MAML meta-iterations/s, 5-way 1-shot, 1 inner step, second order, same meta-batches and Adam step:")
     print("| Conv-4 width | tasks | queries/class | bilevel-ray grouped | bilevel-ray vmap | learn2learn MAML "
           "| grouped / l2l | vmap / l2l | max abs grad diff |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for width, batch, queries in SPEED_SETTINGS:
+    for width, batch, queries in settings:
         r = maml_speed(pool, width, batch, queries, iters)
         print(f"| {width} | {batch} | {queries} | {r['grouped']:.2f} | {r['vmap']:.2f} | {r['l2l']:.2f} | "
               f"{r['grouped'] / r['l2l']:.2f}x | {r['vmap'] / r['l2l']:.2f}x | {r['diff']:.1e} |", flush=True)
@@ -198,7 +200,9 @@ def main() -> None:
     parser.add_argument("--train-acc", action="store_true", help="also test each learner (as trained) on 5-way and "
                         "20-way 1-shot tasks of its own training characters (unrotated, unwarped): the generalization gap")
     parser.add_argument("--save", metavar="DIR", help="save each trained learner as DIR/<method>.pt (for bilevel-ray eval)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 0.2 min, 50 tasks, 3 iterations")
+    parser.add_argument("--smoke", action="store_true", help="smoke run (seconds): width 8, 2 steps of SOBA, BOME "
+                        "and DSBO, 0.01 min of the others, 5 test tasks, 1 support warp, --train-acc, a 1-iteration "
+                        "speed test at width 8")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for SOBA, "
                         "BOME and DSBO (e.g. algorithm.schedule=cosine algorithm.horizon=1100)")
     parser.add_argument("--steps", type=int, default=0, help="train SOBA, BOME and DSBO for exactly this many "
@@ -207,14 +211,15 @@ def main() -> None:
     flushed, tuned = prepare_process(args.threads)  # first: torch's intra-op threads start flushing subnormals
     if (args.set or args.steps) and not set(args.methods) & set(CONFIGS):
         parser.error(f"--set and --steps apply to {', '.join(CONFIGS)}; none of them is in --methods")
+    if args.smoke:  # tiny sizes through every code path; a 0 of --speed-iters or --support-warps still skips
+        args.width, args.budget, args.tasks, args.steps, args.train_acc = 8, 0.01, 5, 2, True
+        args.speed_iters, args.support_warps = min(args.speed_iters, 1), min(args.support_warps, 1)
     configs = {}  # loaded before any training, so that a bad override fails now, not after an hour
     for name in [m for m in args.methods if m in CONFIGS]:
         try:
             configs[name] = bilevel_config(name, args.width, args.set)
         except ValueError as e:
             parser.error(f"--set: {e}")
-    if args.quick:
-        args.budget, args.tasks, args.speed_iters = 0.2, 50, 3
     train = load_omniglot("images_background_small1")
     unseen = load_omniglot("images_background_small2").select(exclude=train.alphabets)
     pool = ClassPool(train.images, train.labels, rotations=4)
@@ -228,7 +233,7 @@ def main() -> None:
     print(f"allocator: {'heap kept (bilevel_ray.prepare_process)' if tuned else 'glibc default'}; subnormal floats: "
           f"{'flushed to zero (bilevel_ray.prepare_process)' if flushed else 'kept'}")
     if args.speed_iters > 0:
-        speed_test(pool, args.speed_iters)
+        speed_test(pool, args.speed_iters, SMOKE_SPEED_SETTINGS if args.smoke else SPEED_SETTINGS)
 
     header = f"| method | train steps | {' | '.join(f'{w}-way {k}-shot' for w, k in SETTINGS)} |"
     rows = [header, "|" + "---|" * (2 + len(SETTINGS))]

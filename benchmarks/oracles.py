@@ -32,6 +32,7 @@ FLOPs of the matrix products (the compute), and the number of ATen ops. Intra-op
 :func:`bilevel_ray.runtime.prepare_process`, which also flushes subnormals and keeps the heap.
 
     .venv/bin/python benchmarks/oracles.py [--repeats 7] [--threads 2] [--batch 256] [--problems repr wd conv] [--profile]
+                                           [--smoke]
 """
 
 from __future__ import annotations
@@ -303,7 +304,11 @@ def main() -> None:
     parser.add_argument("--min-block", type=float, default=0.2, help="seconds per timed block")
     parser.add_argument("--problems", nargs="+", default=["repr", "wd", "conv"], choices=["repr", "wd", "conv"])
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--smoke", action="store_true",
+                        help="smoke run (seconds): MLP batch 16, 1 repeat of 5 ms blocks (times and ratios meaningless)")
     args = parser.parse_args()
+    if args.smoke:
+        args.batch, args.repeats, args.min_block = 16, 1, 0.005
     warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)  # torch.func jvp
     prepare_process(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), float32, CPU")

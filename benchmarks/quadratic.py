@@ -5,7 +5,7 @@ warm-up block; metric evaluation excluded) and the exact ``‖∇h(x)‖²`` rea
 number of steps (SOBA 8192, SABA 4096), next to the reference JAX timings quoted in that file for this
 machine type. One intra-op thread (state of the art on 2 shared cores for these sizes).
 
-    .venv/bin/python benchmarks/quadratic.py [--repeats 3] [--problems P1 P2]
+    .venv/bin/python benchmarks/quadratic.py [--repeats 3] [--problems P1 P2] [--smoke]
 """
 
 from __future__ import annotations
@@ -37,30 +37,34 @@ REFERENCE = {  # JAX, jit-compiled, same machine type (seconds per 1000 steps; �
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed blocks of 1000 steps after the warm-up block")
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
+    parser.add_argument("--smoke", action="store_true",
+                        help="smoke run (seconds): 60 steps per algorithm in blocks of 20 (times scaled to 1000 steps)")
     args = parser.parse_args()
+    block = 20 if args.smoke else 1000
     torch.set_num_threads(1)
     print(f"{'problem':8}{'algo':6}{'s/1000 steps':>14}{'JAX ref':>9}{'ratio':>7}{'steps':>7}"
           f"{'‖∇h‖² start':>13}{'‖∇h‖² end':>12}{'ref end':>10}")
     for pname in args.problems:
         task = make_task("quadratic", **PROBLEMS[pname], **COMMON)
         for name, (hyper, steps) in SETTINGS.items():
+            steps = 3 * block if args.smoke else steps
             algo = algorithms.make(name, **hyper)
             x, y = task.init()
             state = algo.init(task, x, y, seed=0)
             start = task.metrics(state.x, state.y)["grad_norm_sq"]
             blocks, done = [], 0
             while done < steps:
-                n = min(1000, steps - done)
+                n = min(block, steps - done)
                 t0 = time.perf_counter()
                 for _ in range(n):
                     state = algo.step(state, task)
-                if n == 1000:
+                if n == block:
                     blocks.append(time.perf_counter() - t0)
                 done += n
             timed = blocks[1:1 + args.repeats] or blocks
-            per_1000 = statistics.median(timed)
+            per_1000 = statistics.median(timed) * 1000 / block
             end = task.metrics(state.x, state.y)["grad_norm_sq"]
             ref_t, ref_end = REFERENCE[(pname, name)]
             print(f"{pname:8}{name:6}{per_1000:14.2f}{ref_t:9.2f}{per_1000 / ref_t:7.2f}{steps:7d}"

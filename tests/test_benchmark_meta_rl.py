@@ -20,22 +20,19 @@ def _bench():
     return module
 
 
-SMOKE = ["task.train_tasks=4", "task.meta_batch=4", "task.episodes=2", "task.horizon=10", "task.width=8",
-         "task.eval_tasks=2", "task.eval_episodes=2", "run.eval_every=1", "run.checkpoint_every=1"]
-
-
 def test_a_diverging_method_is_reported_and_the_benchmark_goes_on(tmp_path):
     bench = _bench()
+    smoke = [*bench.SMOKE, "run.checkpoint_every=1"]  # the benchmark's --smoke tasks, a checkpoint every step
     entries = []
     diverge = ["algorithm.max_kl=0", "algorithm.outer_opt=sgd", "algorithm.schedule=constant",
                "algorithm.outer_lr=1e30", "run.steps=6"]
     args = bench.parse(["--out", str(tmp_path / "runs"), "--tasks", "3", "--episodes", "2", "--adapt-steps", "2",
-                        "--set", *SMOKE, *diverge])
+                        "--set", *smoke, *diverge])
     entry = bench.train("nav", "soba", args)
     assert isinstance(entry["diverged_at"], int) and 1 <= entry["diverged_at"] <= 6
     assert all(bool(torch.isfinite(v).all()) for v in entry["policy"].params.values())  # the last finite state
     entries.append(bench.evaluate(entry, args))
-    args.set = [*SMOKE, "run.steps=2"]
+    args.set = [*smoke, "run.steps=2"]
     entries.append(bench.evaluate(bench.train("nav", "dsbo_sim", args), args))
     assert entries[1]["diverged_at"] is None and entries[1]["steps"] == 2
     path = bench.write_results(entries, "benchmarks/meta_rl.py (test)", tmp_path / "results")
