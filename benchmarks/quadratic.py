@@ -23,7 +23,10 @@ PROBLEMS = {
     "P1": dict(n_inner=32768, n_outer=1024, dim_y=100, dim_x=10),
     "P2": dict(n_inner=1024, n_outer=1024, dim_y=100, dim_x=100),
 }
-COMMON = dict(mu=0.1, L_yy=1.0, L_xx=1.0, q_min=0.0, L_c=0.1, x0=-2.0, batch_size=64, dtype="float32")
+# minibatches in shuffled passes, as the reference's sampler draws them (SAGA's memory is then refreshed
+# once per pass)
+COMMON = dict(mu=0.1, L_yy=1.0, L_xx=1.0, q_min=0.0, L_c=0.1, x0=-2.0, batch_size=64, dtype="float32",
+              sampling="epochs")
 # SOBA: step sizes from a small grid on P1 (ρ, γ ∈ {0.02 … 1}) for the final ‖∇h‖²; SABA: the reference's
 # own (step_size 0.1, outer_ratio 1): on P1 they end 75× lower than (ρ, γ) = (0.5, 0.1) and 4× lower than 0.2
 SETTINGS = {

@@ -8,6 +8,7 @@ keep one memory slot per minibatch index.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -17,9 +18,11 @@ import torch
 from bilevel_ray.tree import PyTree
 
 Batch = Any
+#: minibatch orders of :class:`FiniteSampler`
+ORDERS = ("random", "epochs")
 
-__all__ = ["Batch", "BilevelProblem", "Sampler", "FiniteSampler", "AgentRNGs", "rng_for", "check_problem", "bind",
-           "bind_at", "OPTIONAL", "capability"]
+__all__ = ["Batch", "BilevelProblem", "Sampler", "FiniteSampler", "AgentRNGs", "StepRNG", "ORDERS", "rng_for",
+           "check_problem", "bind", "bind_at", "OPTIONAL", "capability"]
 
 
 class AgentRNGs(NamedTuple):
@@ -28,13 +31,45 @@ class AgentRNGs(NamedTuple):
     generators: tuple[np.random.Generator, ...]
 
 
-def rng_for(seed: int, rank: int | tuple[int, ...], step: int, stream: int = 0) -> np.random.Generator | AgentRNGs:
+#: mixed into the seeds of epoch permutations, so that they never coincide with a step's own generator
+_PASS_SALT = 0x5EB0C4
+
+
+class StepRNG(np.random.Generator):
+    """The generator of one agent's step: numpy's PCG64 seeded with ``(seed, rank, step, stream)`` (the
+    same draws as ``np.random.default_rng([seed, rank, step, stream])``), plus :meth:`epoch_index` for
+    samplers that walk their minibatches in shuffled passes."""
+
+    def __init__(self, seed: int, rank: int, step: int, stream: int = 0):
+        super().__init__(np.random.PCG64([seed, rank, step, stream]))
+        self.key = (seed, rank, step, stream)
+        self._passes = 0
+
+    def epoch_index(self, n: int) -> int:
+        """The minibatch this step takes in a shuffled pass over ``n``: one permutation per ``n`` steps,
+        so ``n`` consecutive steps visit every index once. The ``k``-th call within a step walks its own
+        passes (SABA's inner and outer samplers, an inner loop's draws). Draws nothing from the generator."""
+        seed, rank, step, stream = self.key
+        slot, self._passes = self._passes, self._passes + 1
+        epoch, position = divmod(step, n)
+        return int(_pass_order(seed, rank, stream, slot, n, epoch)[position])
+
+
+@functools.lru_cache(maxsize=64)
+def _pass_order(seed: int, rank: int, stream: int, slot: int, n: int, epoch: int) -> np.ndarray:
+    """The shuffled order of one pass (cached: a pass is read at ``n`` consecutive steps)."""
+    order = np.random.default_rng([seed, rank, stream, slot, n, epoch, _PASS_SALT]).permutation(n)
+    order.setflags(write=False)
+    return order
+
+
+def rng_for(seed: int, rank: int | tuple[int, ...], step: int, stream: int = 0) -> StepRNG | AgentRNGs:
     """Counter-based RNG: the same ``(seed, rank, step, stream)`` always gives the same draws, so a step
     is a pure function of its state and runs are reproducible on any backend. A tuple of ranks (stacked
     agents) gives each agent the generator it would have on its own."""
     if isinstance(rank, tuple):
         return AgentRNGs(tuple(rng_for(seed, r, step, stream) for r in rank))
-    return np.random.default_rng([int(seed), int(rank), int(step), int(stream)])
+    return StepRNG(int(seed), int(rank), int(step), int(stream))
 
 
 @runtime_checkable
@@ -56,13 +91,19 @@ class FiniteSampler:
 
     ``data`` is a tuple of tensors sharing their first dimension; a batch is the tuple of row slices.
     ``batch_size=None`` means full batch. The last partial block is merged into the previous one.
+    ``order``: ``random`` draws a minibatch uniformly at every call (with replacement); ``epochs`` walks
+    shuffled passes over all minibatches, each once per ``num_batches`` steps (as SAGA-type methods are
+    usually run), with the step's :class:`StepRNG`.
     """
 
     data: tuple[torch.Tensor, ...]
     batch_size: int | None = None
     shuffle_seed: int | None = 0
+    order: str = "random"
 
     def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            raise ValueError(f"order: must be one of {', '.join(ORDERS)}, got {self.order!r}")
         n = self.data[0].shape[0]
         if any(t.shape[0] != n for t in self.data):
             raise ValueError("FiniteSampler.data: all tensors must share their first dimension")
@@ -96,7 +137,13 @@ class FiniteSampler:
         """A uniformly drawn ``(index, minibatch)``."""
         if self.num_batches == 1:
             return 0, self._batches[0]
-        k = int(rng.integers(self.num_batches))
+        if self.order == "epochs":
+            if not isinstance(rng, StepRNG):
+                raise TypeError("order: 'epochs' needs the generator of bilevel_ray.problem.rng_for (minibatches "
+                                "are ordered by step)")
+            k = rng.epoch_index(self.num_batches)
+        else:
+            k = int(rng.integers(self.num_batches))
         return k, self._batches[k]
 
     def full(self) -> Batch:
@@ -106,7 +153,7 @@ class FiniteSampler:
     def to(self, dtype: torch.dtype) -> "FiniteSampler":
         """A copy with floating tensors cast to ``dtype``, same rows and minibatches (no reshuffle)."""
         cast = tuple(t.to(dtype) if t.is_floating_point() else t for t in self.data)
-        return FiniteSampler(cast, self.batch_size, None)
+        return FiniteSampler(cast, self.batch_size, None, self.order)
 
 
 @runtime_checkable

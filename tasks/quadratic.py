@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from bilevel_ray.params import hp
-from bilevel_ray.problem import FiniteSampler
+from bilevel_ray.problem import ORDERS, FiniteSampler
 from bilevel_ray.tasks import Task, register_task
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -85,6 +85,8 @@ class QuadraticTask(Task):
     q_min: float = hp(0.1, low=0, strict=False, doc="smallest eigenvalue of ∇²_xx (0 in the reference P1/P2)")
     L_c: float = hp(0.1, low=0, doc="largest singular value of ∇²_xy")
     x0: float = hp(-2.0, doc="initial x (every coordinate)")
+    sampling: str = hp("random", choices=ORDERS, doc="minibatch order: random (uniform, with replacement) or "
+                       "epochs (shuffled passes, every minibatch once per pass)")
     dtype: str = hp("float64", choices=tuple(_DTYPES))
     seed: int = hp(0, low=0, strict=False, doc="seed of the data")
 
@@ -98,8 +100,10 @@ class QuadraticTask(Task):
         for n in (self.n_inner, self.n_outer):
             fam = _family(rng, n, self.dim_x, self.dim_y, self.mu, self.L_yy, self.L_xx, self.q_min, self.L_c)
             tensors.append(tuple(torch.as_tensor(fam[k], dtype=dt) for k in "pqrsab"))
-        object.__setattr__(self, "inner", FiniteSampler(tensors[0], self.batch_size, shuffle_seed=None))
-        object.__setattr__(self, "outer", FiniteSampler(tensors[1], self.batch_size, shuffle_seed=None))
+        object.__setattr__(self, "inner", FiniteSampler(tensors[0], self.batch_size, shuffle_seed=None,
+                                                        order=self.sampling))
+        object.__setattr__(self, "outer", FiniteSampler(tensors[1], self.batch_size, shuffle_seed=None,
+                                                        order=self.sampling))
         object.__setattr__(self, "_g", _Means(tuple(t.double() for t in tensors[0])))
         object.__setattr__(self, "_f", _Means(tuple(t.double() for t in tensors[1])))
 

@@ -89,7 +89,7 @@ def _shard(sampler: FiniteSampler, n_agents: int, split: str, label_column: int 
     parts = split_indices(sampler.size, n_agents, split=split, labels=labels if split == "dirichlet" else None,
                           alpha=alpha, seed=seed, min_size=max(1, min(4, sampler.size // (2 * n_agents))))
     return [FiniteSampler(tuple(t[torch.from_numpy(p)] for t in sampler.data), sampler.batch_size,
-                          shuffle_seed=None) for p in parts]
+                          shuffle_seed=None, order=sampler.order) for p in parts]
 
 
 def make_agents(task: Any, n_agents: int, *, split: str = "iid", alpha: float = 0.5, seed: int = 0
