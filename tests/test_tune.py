@@ -1,5 +1,6 @@
 """Ray Tune sweeps (bilevel_ray.tune, `bilevel-ray tune`) on the session's real loopback cluster."""
 
+import contextlib
 import csv
 import json
 import os
@@ -109,31 +110,41 @@ def test_decentralized_sweep_places_agents_in_each_trials_placement_group(tmp_pa
         assert float(rows[-1]["consensus_error"]) >= 0
 
 
-def test_a_trial_whose_agent_dies_is_retried_from_its_checkpoint(tmp_path, ray_cluster):
+@contextlib.contextmanager
+def agent_killed(folder, *, after_rows, restart):
+    """While the body runs a sweep into ``folder``: once its trials have reported ``after_rows`` rows, kill
+    agent 1's actor (Ray restarts it when ``restart``). Yields the steps at which it was killed."""
     import ray
 
-    path = write(tmp_path, tune={"num_samples": 1, "max_failures": 2},
-                 algorithm={"name": "d_soba", "outer_lr": 0.3, "inner_lr": 0.3, "linear_lr": 0.3},
-                 decentralized={"agents": 2, "backend": "ray", "placement": "PACK"},
-                 run={"steps": 150, "eval_every": 5, "seed": 0, "checkpoint_every": 10})
     killed = []
 
-    def killer():  # once the trial has reported a few rows, kill an agent for good (no Ray restart)
+    def killer():
         deadline = time.time() + 180
         while time.time() < deadline and not killed:
-            rows = [r for rs in trials_of(tmp_path / "fail").values() for r in rs]
-            if len(rows) >= 5:
+            rows = [r for rs in trials_of(folder).values() for r in rs]
+            if len(rows) >= after_rows:
                 for actor in ray.util.list_named_actors(all_namespaces=True):
                     if actor["name"].endswith("-agent-1"):
-                        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+                        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=not restart)
                         killed.append(int(rows[-1]["step"]))
                         break
             time.sleep(0.05)
 
     thread = threading.Thread(target=killer)
     thread.start()
-    assert main(["tune", str(path), "--out", str(tmp_path / "fail")]) == 0
-    thread.join()
+    try:
+        yield killed
+    finally:
+        thread.join()
+
+
+def test_a_trial_whose_agent_dies_is_retried_from_its_checkpoint(tmp_path, ray_cluster):
+    path = write(tmp_path, tune={"num_samples": 1, "max_failures": 2},
+                 algorithm={"name": "d_soba", "outer_lr": 0.3, "inner_lr": 0.3, "linear_lr": 0.3},
+                 decentralized={"agents": 2, "backend": "ray", "placement": "PACK"},
+                 run={"steps": 150, "eval_every": 5, "seed": 0, "checkpoint_every": 10})
+    with agent_killed(tmp_path / "fail", after_rows=5, restart=False) as killed:  # for good: no Ray restart
+        assert main(["tune", str(path), "--out", str(tmp_path / "fail")]) == 0
     assert killed, "the agent was not killed mid-trial"
     (rows,) = trials_of(tmp_path / "fail").values()
     restored = {int(r["restored_step"]) for r in rows} - {-1}
@@ -144,8 +155,6 @@ def test_a_trial_whose_agent_dies_is_retried_from_its_checkpoint(tmp_path, ray_c
 def test_an_agent_killed_inside_a_tune_trial_is_replayed_and_changes_nothing(tmp_path, ray_cluster):
     """The trial drives the same loop as ``bilevel-ray run``: Ray restarts the agent, the trial replays
     from its last checkpoint and reports the rows of the unkilled run (Tune never retries the trial)."""
-    import ray
-
     base = {**FAULT_CONFIG, "run": {**FAULT_CONFIG["run"], "steps": 120, "eval_every": 10, "checkpoint_every": 10, "seed": 0},
             "decentralized": {**FAULT_CONFIG["decentralized"], "backend": "ray", "placement": "PACK"},
             "tune": {"param_space": {"algorithm.outer_lr": "grid([0.5])"}, "search": "grid", "num_samples": 1,
@@ -158,24 +167,8 @@ def test_an_agent_killed_inside_a_tune_trial_is_replayed_and_changes_nothing(tmp
     assert main(["run", str(tmp_path / "clean.yaml"), "--out", str(tmp_path / "clean"), "--no-progress"]) == 0
     reference = json.loads((tmp_path / "clean" / "metrics.json").read_text())
 
-    killed = []
-
-    def killer():  # once the trial has reported a few rows, kill an agent; Ray restarts it
-        deadline = time.time() + 180
-        while time.time() < deadline and not killed:
-            rows = [r for rs in trials_of(tmp_path / "tuned").values() for r in rs]
-            if len(rows) >= 4:
-                for actor in ray.util.list_named_actors(all_namespaces=True):
-                    if actor["name"].endswith("-agent-1"):
-                        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=False)
-                        killed.append(int(rows[-1]["step"]))
-                        break
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=killer)
-    thread.start()
-    assert main(["tune", str(path), "--out", str(tmp_path / "tuned")]) == 0
-    thread.join()
+    with agent_killed(tmp_path / "tuned", after_rows=4, restart=True) as killed:  # Ray restarts it
+        assert main(["tune", str(path), "--out", str(tmp_path / "tuned")]) == 0
     assert killed and killed[0] < 120, "the agent was not killed mid-trial"
     (rows,) = trials_of(tmp_path / "tuned").values()
     assert {int(r["restored_step"]) for r in rows} == {-1}  # replayed inside the trial, not retried by Tune
