@@ -67,7 +67,6 @@ class OuterLoop:
     def run(self, emit: Emit) -> None:
         """Run to the last step, handing every row and checkpoint to ``emit`` (each round at most once)."""
         backend = self.backend
-        logged = self.logged
         saved = self.t
         snapshot = (self.t, backend.states())
         self.progress(self.t)
@@ -75,7 +74,7 @@ class OuterLoop:
             try:
                 t = self.t
                 row = states = None
-                if t > logged and (t % self.every == 0 or t == self.steps):
+                if t > self.logged and (t % self.every == 0 or t == self.steps):
                     states = backend.states()
                     row = metrics_row(t, self.wall, backend, self.task, states)
                     if self.last_row is not None and list(row) != list(self.last_row):
@@ -93,7 +92,7 @@ class OuterLoop:
                 if row is not None or save:
                     emit(t, self.wall, row, states if save else None)
                 if row is not None:
-                    self.last_row, logged = row, t
+                    self.last_row, self.logged = row, t
                 if bad:
                     raise Diverged(f"run: {bad}", step=t)
                 if save:

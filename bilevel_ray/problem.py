@@ -134,7 +134,7 @@ class FiniteSampler:
         return self._batches[index]
 
     def sample(self, rng: np.random.Generator) -> tuple[int, Batch]:
-        """A uniformly drawn ``(index, minibatch)``."""
+        """``(index, minibatch)``: drawn uniformly, or the step's place in a shuffled pass (``order``)."""
         if self.num_batches == 1:
             return 0, self._batches[0]
         if self.order == "epochs":

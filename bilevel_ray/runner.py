@@ -94,8 +94,7 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
                     save_point(out / "checkpoint.pt", t, wall, states)
 
             def progress(t: int) -> None:
-                bar.n = t
-                bar.refresh()
+                bar.update(t - bar.n)  # rate-limited redraw; a replay moves the bar back
 
             start = time.perf_counter()
             backend = make_backend(task, algo, cfg.decentralized, seed=cfg.run.seed)

@@ -11,6 +11,7 @@ import traceback
 
 import pytest
 
+from bilevel_ray.algorithms.base import identity_mix
 from bilevel_ray.algorithms.dsbo import DSOBA
 from bilevel_ray.config import from_dict
 from bilevel_ray.runner import run
@@ -27,7 +28,7 @@ CONFIG = {
 class BuggyDSOBA(DSOBA):
     """D-SOBA whose agent 1 hits a bug (a missing attribute) at round 7."""
 
-    def step(self, state, problem, mix=lambda t: t):
+    def step(self, state, problem, mix=identity_mix):
         if state.t == 7 and state.rank in (1, (0, 1, 2)):  # a Ray agent's rank, the simulation's stack
             return state.no_such_field
         return super().step(state, problem, mix)

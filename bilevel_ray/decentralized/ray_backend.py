@@ -100,8 +100,7 @@ class AgentWorker:
     def step(self) -> dict[str, Any]:
         """One round; reports the bytes sent, the round's seconds, those spent exchanging with neighbours
         (``gossip``, waiting for them included) and the task's own phases (``phases``, e.g. rollouts)."""
-        if self.algo is None:
-            raise AgentRestarted(f"agent {self.rank}: restarted by Ray and not set up again yet")
+        self._check_setup()
         tr = self.transport
         start, sent, shared = time.perf_counter(), tr.bytes_sent, tr.bytes_shared
         timings = getattr(getattr(self.problem, "task", self.problem), "timings", {})  # a task's phases, if any
@@ -115,9 +114,12 @@ class AgentWorker:
 
     def get_state(self) -> Any:
         """This agent's algorithm state."""
+        self._check_setup()
+        return self.state
+
+    def _check_setup(self) -> None:
         if self.algo is None:
             raise AgentRestarted(f"agent {self.rank}: restarted by Ray and not set up again yet")
-        return self.state
 
     def node_id(self) -> str:
         """Id of the Ray node this actor runs on."""
