@@ -65,6 +65,7 @@ def train(env: str, method: str, args: argparse.Namespace) -> dict:
     out = Path(args.out) / f"{env}_{method}"
     task = cfg.task
     task.timings.clear()
+    task.counts.clear()
     diverged = None
     try:
         rows = run(cfg, out_dir=out, progress=False)
@@ -86,11 +87,9 @@ def train(env: str, method: str, args: argparse.Namespace) -> dict:
         policy = task.learner(x, y)
         print(f"{env} {method}: diverged at step {e.step} ({e}); evaluating the last finite checkpoint", flush=True)
     last = rows[-1]
-    agents = cfg.decentralized.agents
-    per_step = 2 * task.meta_batch * task.episodes * task.sampler.horizon * agents  # two rollouts a meta-step
     split = {k: v / max(last["wall_time"], 1e-9) for k, v in task.timings.items()} if cfg.decentralized.backend != "ray" else {}
     return {"env": env, "method": method, "config": CONFIGS[env, method], "steps": int(last["step"]),
-            "minutes": last["wall_time"] / 60, "env_steps": int(last["step"]) * per_step,
+            "minutes": last["wall_time"] / 60, "env_steps": int(task.counts["env_steps"]),
             "diverged_at": diverged, "time_split": split,
             "curve": [[r["step"], r["wall_time"] / 60, r["pre_return"], r["post_return"]] for r in rows],
             "policy": policy}
@@ -175,6 +174,7 @@ def profile(env: str, method: str, args: argparse.Namespace) -> dict[str, float]
         for _ in range(2):  # warm-up: vector environments, Ray actors
             backend.step()
         cfg.task.timings.clear()
+        cfg.task.counts.clear()
         wall, gossip, phases = 0.0, 0.0, {}
         for _ in range(args.profile):
             start = time.perf_counter()
@@ -187,8 +187,7 @@ def profile(env: str, method: str, args: argparse.Namespace) -> dict[str, float]
     finally:
         backend.close()
     task = cfg.task
-    env_steps = 2 * task.meta_batch * task.episodes * task.sampler.horizon * cfg.decentralized.agents
-    out = {"seconds": wall / args.profile, "env_steps_per_s": env_steps * args.profile / wall}
+    out = {"seconds": wall / args.profile, "env_steps_per_s": task.counts["env_steps"] / wall}
     out.update({k: v / wall for k, v in phases.items()}, gossip=gossip / wall)
     out["algorithm"] = 1.0 - sum(v for k, v in out.items() if k not in ("seconds", "env_steps_per_s"))
     return out

@@ -48,5 +48,6 @@ def save(path: Path, payload: dict[str, Any]) -> None:
 
 
 def load(path: Path) -> dict[str, Any]:
-    """The plain payload saved at ``path`` (``weights_only``; rebuild states with :func:`from_plain`)."""
-    return torch.load(Path(path), weights_only=True)
+    """The plain payload saved at ``path`` (``weights_only``, tensors on the CPU whatever device wrote
+    them; rebuild states with :func:`from_plain`)."""
+    return torch.load(Path(path), weights_only=True, map_location="cpu")

@@ -110,7 +110,7 @@ def _eval(args: argparse.Namespace) -> int:
     if not path.is_file():
         return _error(f"checkpoint: {path} does not exist", 2)
     try:
-        payload = torch.load(path, weights_only=True)
+        payload = torch.load(path, weights_only=True, map_location="cpu")
     except Exception:  # not a weights-only file: the few-shot loader reports what it is not
         payload = None
     if is_meta_policy(payload):

@@ -61,6 +61,14 @@ class RunSettings(Params):
     progress: bool = hp(True, doc="show a progress bar (on a terminal only)")
     checkpoint_every: int = hp(0, low=0, strict=False, doc="save every agent's state every this many rounds "
                                                            "(0: never); failed agents restart from it")
+    device: str = hp("auto", doc="where data, states and episodes live: auto (a CUDA device if there is one), "
+                                 "cpu, cuda or cuda:N; Ray agents use the GPU share decentralized.gpus_per_agent gives them")
+
+    def __post_init__(self) -> None:
+        from bilevel_ray.device import check_device
+
+        super().__post_init__()
+        check_device(self.device)
 
 
 _TOPOLOGIES = ("ring", "torus", "complete", "star", "exponential", "erdos_renyi", "one_peer_exponential")
@@ -83,6 +91,8 @@ class DecentralizedSettings(Params):
     placement: str = hp("SPREAD", choices=("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"), doc="ray only: placement strategy")
     transport: str = hp("auto", choices=("auto", "object_store"),
                         doc="ray only: auto = shared memory between agents on one node, object store across nodes")
+    gpus_per_agent: float = hp(0.0, low=0, strict=False, doc="ray only: the GPU share each agent asks Ray for (0.25: four agents "
+                                                "share a GPU); the agent computes on it")
 
 
 @dataclass(frozen=True)

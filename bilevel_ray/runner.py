@@ -19,7 +19,8 @@ import yaml
 
 from bilevel_ray import checkpoint
 from bilevel_ray.config import RunConfig
-from bilevel_ray.decentralized.backends import average, make_backend
+from bilevel_ray.decentralized.backends import average, driver_device, make_backend
+from bilevel_ray.device import to_device
 from bilevel_ray.files import write_text
 from bilevel_ray.loop import COUNTERS, Diverged, OuterLoop, sync_device, every_k, metrics_row
 from bilevel_ray.plotting import plot_curves
@@ -49,6 +50,7 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
+    driver_device(cfg.run.device, cfg.decentralized)  # a device this machine lacks fails before any work
     out = Path(out_dir) if out_dir is not None else cfg.out_dir
     show = cfg.run.progress if progress is None else progress
     resolved = cfg.to_dict()
@@ -97,7 +99,8 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
                 bar.update(t - bar.n)  # rate-limited redraw; a replay moves the bar back
 
             start = time.perf_counter()
-            backend = make_backend(task, algo, cfg.decentralized, seed=cfg.run.seed)
+            backend = make_backend(task, algo, cfg.decentralized, seed=cfg.run.seed, device=cfg.run.device)
+            task = backend.task  # on the run's device (the same object where that is the CPU)
             t, wall = restore_point(backend, payload) if payload is not None else (0, 0.0)
             sync_device()
             wall += time.perf_counter() - start
@@ -105,7 +108,7 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
                       checkpoint_due=every_k(cfg.run.checkpoint_every), start=t, wall=wall,
                       last_row=rows[-1] if rows else None, where=str(out), progress=progress).run(emit)
             if hasattr(task, "learner"):  # tasks with a deployable model (few-shot learners) export it
-                states = backend.states()
+                states = to_device(backend.states(), "cpu")  # a learner loads on any machine
                 task.learner(average([s.x for s in states]), average([s.y for s in states])).save(out / "learner.pt")
     finally:
         bar.close()
@@ -119,8 +122,8 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
 
 
 def save_point(path: Path, t: int, wall: float, states: list[Any]) -> None:
-    """Save every agent's state after round ``t`` (atomically)."""
-    checkpoint.save(path, {"round": t, "wall": wall, "states": states})
+    """Save every agent's state after round ``t`` (atomically, on the CPU: it loads on any device)."""
+    checkpoint.save(path, {"round": t, "wall": wall, "states": to_device(states, "cpu")})
 
 
 def restore_point(backend: Any, payload: dict[str, Any]) -> tuple[int, float]:
@@ -141,7 +144,8 @@ def _resume_point(out: Path, resolved: dict[str, Any]) -> dict[str, Any]:
     saved = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
     for section, body in resolved.items():
         for key, value in body.items():
-            if key not in ("progress", "steps") and saved.get(section, {}).get(key) != value:
+            # the length of the run and where it computes may change on resume
+            if key not in ("progress", "steps", "device", "gpus_per_agent") and saved.get(section, {}).get(key) != value:
                 raise ValueError(f"{section}.{key}: differs from the checkpointed run in {out} "
                                  f"({saved.get(section, {}).get(key)!r} there, {value!r} here)")
     return checkpoint.load(path)

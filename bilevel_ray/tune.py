@@ -74,6 +74,9 @@ class TuneSettings(Params):
                                                 "PBT's perturbations draw from Python's global RNG)")
     name: str | None = hp(None, doc="experiment name (default: the config file's stem)")
     storage: str | None = hp(None, doc="folder holding experiments (default: runs/tune)")
+    gpus_per_trial: float = hp(0.0, low=0, strict=False, doc="GPU share of a trial's own bundle (the trial's process computes on "
+                                               "it with run.device auto or cuda); Ray agents' shares come from "
+                                               "decentralized.gpus_per_agent")
 
 
 @dataclass(frozen=True)
@@ -165,13 +168,15 @@ def apply_params(base: Mapping[str, Mapping[str, Any]], params: Mapping[str, Any
     return out
 
 
-def trial_resources(decentralized: Any) -> Any:
-    """One CPU bundle for the trial itself, plus one per agent when agents are Ray actors."""
+def trial_resources(decentralized: Any, gpus_per_trial: float = 0.0) -> Any:
+    """One bundle for the trial itself (a CPU and ``gpus_per_trial`` of a GPU), plus one per agent when
+    agents are Ray actors (a CPU and ``decentralized.gpus_per_agent``)."""
     from ray.tune import PlacementGroupFactory
 
-    bundles = [{"CPU": 1.0}]
+    bundles = [{"CPU": 1.0, **({"GPU": gpus_per_trial} if gpus_per_trial else {})}]
     if decentralized.backend == "ray":
-        bundles += [{"CPU": 1.0}] * decentralized.agents
+        share = decentralized.gpus_per_agent
+        bundles += [{"CPU": 1.0, **({"GPU": share} if share else {})}] * decentralized.agents
     strategy = "PACK" if len(bundles) == 1 else decentralized.placement
     return PlacementGroupFactory(bundles, strategy=strategy)
 
@@ -193,7 +198,7 @@ def _trial(config: dict[str, Any], base: dict[str, Any], metric: str, mode: str)
     pg = ray.util.get_current_placement_group()
     start = time.perf_counter()
     backend = make_backend(cfg.task, cfg.algorithm, cfg.decentralized, seed=cfg.run.seed,
-                           placement_group=pg, first_bundle=1)
+                           placement_group=pg, first_bundle=1, device=cfg.run.device)
     try:
         t, wall, restored = 0, time.perf_counter() - start, -1
         saved = tune.get_checkpoint()
@@ -202,8 +207,11 @@ def _trial(config: dict[str, Any], base: dict[str, Any], metric: str, mode: str)
                 t, wall = restore_point(backend, checkpoint.load(Path(folder) / "checkpoint.pt"))
             restored = t
         agents_pg = getattr(backend, "pg", None)
+        placements = backend.placements() if hasattr(backend, "placements") else []
         extra = {"restored_step": restored, "trial_bundles": len(pg.bundle_specs) if pg else 0,
-                 "agents_in_trial_group": int(agents_pg is not None and pg is not None and agents_pg.id == pg.id)}
+                 "agents_in_trial_group": int(agents_pg is not None and pg is not None and agents_pg.id == pg.id),
+                 # GPUs Ray gave the trial's process and its agents (shares of one GPU count once each)
+                 "trial_gpus": len(ray.get_gpu_ids()), "agent_gpus": sum(len(p["gpu_ids"]) for p in placements)}
         steps, keep = cfg.run.steps, cfg.run.checkpoint_every
 
         def emit(t: int, wall: float, row: dict[str, Any] | None, states: list[Any] | None) -> None:
@@ -217,7 +225,7 @@ def _trial(config: dict[str, Any], base: dict[str, Any], metric: str, mode: str)
                 save_point(Path(folder) / "checkpoint.pt", t, wall, states)
                 tune.report(row, checkpoint=tune.Checkpoint.from_directory(folder))
 
-        loop = OuterLoop(backend, cfg.task, steps=steps, eval_every=cfg.run.eval_every,
+        loop = OuterLoop(backend, backend.task, steps=steps, eval_every=cfg.run.eval_every,
                          checkpoint_due=lambda t, logged: logged and (not keep or t % keep == 0 or t == steps),
                          start=t, wall=wall, logged=restored,
                          where=f"the trial's results ({tune.get_context().get_trial_dir()})")
@@ -241,7 +249,7 @@ def make_tuner(sweep: Sweep, *, path: Path, resume: bool = False, verbose: int =
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=sweep.base, metric=settings.metric, mode=settings.mode),
-        trial_resources(cfg.decentralized))
+        trial_resources(cfg.decentralized, settings.gpus_per_trial))
     if resume:
         if not tune.Tuner.can_restore(str(path)):
             raise ConfigError(f"tune: nothing to resume in {path} (run the sweep without --resume first)")

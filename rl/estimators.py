@@ -37,7 +37,7 @@ def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
 
 def baseline_features(obs: Tensor, mask: Tensor) -> Tensor:
     """MAML-RL's baseline features ``[s, s², t, t², t³, 1]`` with ``t = step / 100``, (T, E, 2d + 4)."""
-    steps = torch.arange(obs.shape[0], dtype=obs.dtype).reshape(-1, 1, 1).expand(*obs.shape[:2], 1) / 100.0
+    steps = torch.arange(obs.shape[0], dtype=obs.dtype, device=obs.device).reshape(-1, 1, 1).expand(*obs.shape[:2], 1) / 100.0
     ones = torch.ones_like(steps)
     feats = torch.cat([obs, obs * obs, steps, steps ** 2, steps ** 3, ones], -1)
     return feats * mask.unsqueeze(-1)
@@ -53,9 +53,9 @@ def fit_linear_baseline(obs: Tensor, returns: Tensor, mask: Tensor, reg: float =
     feats = baseline_features(obs, mask).double().reshape(horizon, groups, -1, dim).transpose(0, 1).reshape(groups, -1, dim)
     target = (returns * mask).double().reshape(horizon, groups, -1).transpose(0, 1).reshape(groups, -1, 1)
     gram, rhs = feats.transpose(1, 2) @ feats, feats.transpose(1, 2) @ target
-    eye = torch.eye(dim, dtype=gram.dtype)
-    coef = torch.full((groups, dim, 1), float("nan"), dtype=gram.dtype)
-    todo = torch.ones(groups, dtype=torch.bool)
+    eye = torch.eye(dim, dtype=gram.dtype, device=gram.device)
+    coef = torch.full((groups, dim, 1), float("nan"), dtype=gram.dtype, device=gram.device)
+    todo = torch.ones(groups, dtype=torch.bool, device=gram.device)
     for _ in range(6):
         coef[todo] = torch.linalg.solve(gram[todo] + reg * eye, rhs[todo])
         todo = ~torch.isfinite(coef).all(dim=(1, 2))

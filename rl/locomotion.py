@@ -12,6 +12,9 @@ module imports MuJoCo; the registry imports it only when such an environment is 
 
 from __future__ import annotations
 
+import warnings
+
+import mujoco
 import numpy as np
 from gymnasium.envs.mujoco.ant_v5 import AntEnv
 from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
@@ -19,6 +22,20 @@ from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
 from bilevel_ray.rl.core import EnvTask, validate_task
 
 __all__ = ["HalfCheetahVelEnv", "HalfCheetahDirEnv", "AntDirEnv"]
+
+#: MuJoCo warnings about gymnasium's model files, which a user cannot act on (printed once per environment)
+_MODEL_FILE_WARNINGS = ("compiler attribute 'settotalmass' is deprecated",)
+
+
+def _mujoco_warning(message: str) -> None:
+    """MuJoCo's warning handler while this module is loaded: drops :data:`_MODEL_FILE_WARNINGS`, raises
+    every other warning as a Python ``RuntimeWarning``."""
+    if not message.startswith(_MODEL_FILE_WARNINGS):
+        warnings.warn(f"MuJoCo: {message}", RuntimeWarning, stacklevel=2)
+
+
+if mujoco.get_mju_user_warning() is None:  # leave a handler the user installed alone
+    mujoco.set_mju_user_warning(_mujoco_warning)
 
 
 class _Directional:

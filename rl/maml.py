@@ -211,7 +211,7 @@ class MAMLTRPO(Hyperparams):
         rng = rng_for(s.seed, s.rank, s.t)
         _, idx = index.sample(rng)
         ad = Adaptation(self.inner_lr, self.inner_steps, task.gamma, task.gae_lambda)
-        out = maml_trpo_step(task.policy, task.sampler, s.x, [task.train[k] for k in idx], episodes=task.episodes,
+        out = maml_trpo_step(task.policy, task.training_sampler, s.x, [task.train[k] for k in idx], episodes=task.episodes,
                              ad=ad, seed=int(rng.integers(2**62)), first_order=self.first_order, max_kl=self.max_kl,
                              cg_iters=self.cg_iters, cg_damping=self.cg_damping, ls_steps=self.ls_steps,
                              ls_backtrack=self.ls_backtrack)

@@ -33,19 +33,21 @@ class MetaPolicy:
     adapt_steps: int = 1
     gamma: float = 0.99
     gae_lambda: float = 1.0
+    normalize_actions: bool = True
 
     @property
     def sampler(self):
         """This process's rollout sampler for ``env``, ``horizon`` and ``hidden``."""
         from bilevel_ray.rl.problem import rollout_sampler
 
-        return rollout_sampler(self.env, self.horizon, tuple(self.hidden))
+        return rollout_sampler(self.env, self.horizon, tuple(self.hidden), 0, self.normalize_actions)
 
     def save(self, path: str | Path) -> None:
         """Write the checkpoint atomically."""
         payload = {"format": FORMAT, "env": self.env, "horizon": int(self.horizon), "hidden": list(self.hidden),
                    "params": {k: v.detach().cpu() for k, v in self.params.items()}, "adapt_lr": float(self.adapt_lr),
-                   "adapt_steps": int(self.adapt_steps), "gamma": float(self.gamma), "gae_lambda": float(self.gae_lambda)}
+                   "adapt_steps": int(self.adapt_steps), "gamma": float(self.gamma), "gae_lambda": float(self.gae_lambda),
+                   "normalize_actions": bool(self.normalize_actions)}
         atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
 
     def new_tasks(self, n: int, *, seed: int) -> list[dict[str, float]]:
@@ -84,7 +86,7 @@ def load_meta_policy(path: str | Path) -> MetaPolicy:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: {path} does not exist")
-    payload = torch.load(path, weights_only=True)
+    payload = torch.load(path, weights_only=True, map_location="cpu")
     if not is_meta_policy(payload):
         raise ValueError(f"checkpoint: {path} is not a meta-policy (format {FORMAT})")
     return from_payload(payload)
@@ -95,4 +97,6 @@ def from_payload(payload: dict[str, Any]) -> MetaPolicy:
     fields = {k: payload[k] for k in ("env", "horizon", "params", "adapt_steps", "gamma", "gae_lambda")}
     # checkpoints written before the maml form stored the proximal weight λ; their step was 1/λ
     lr = payload["adapt_lr"] if "adapt_lr" in payload else 1.0 / payload["reg"]
-    return MetaPolicy(hidden=tuple(payload["hidden"]), adapt_lr=float(lr), **fields)
+    # and policies that acted in the environment's own units
+    normalize = bool(payload.get("normalize_actions", False))
+    return MetaPolicy(hidden=tuple(payload["hidden"]), adapt_lr=float(lr), normalize_actions=normalize, **fields)

@@ -1,8 +1,10 @@
 """2-D point navigation to a random goal (MAML, Finn et al. 2017, section 5.3).
 
 The agent starts at the origin; an action ``a`` (clipped to ``[-0.1, 0.1]²``) moves it to ``p + a``; the
-reward is ``-‖p + a - goal‖``. Goals are uniform in ``[-0.5, 0.5]²``. Episodes are truncated at 100 steps
-by the registration (``BilevelRay/Navigation2D-v0``); there is no termination.
+reward is ``-‖p + a - goal‖``. Goals are uniform in ``[-0.5, 0.5]²``. An episode terminates once the agent
+is within ``goal_tolerance`` = 0.01 of the goal in both coordinates (the MAML paper's protocol and MAML's
+own environment; ``goal_tolerance=0`` never terminates) and is truncated at 100 steps by the
+registration (``BilevelRay/Navigation2D-v0``).
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ class Navigation2DEnv(gym.Env):
     TASK_SPEC = {"goal_x": (-1.0, 1.0), "goal_y": (-1.0, 1.0)}
     MAX_STEP = 0.1
 
-    def __init__(self, goal_range: float = 0.5, render_mode: str | None = None):
+    def __init__(self, goal_range: float = 0.5, render_mode: str | None = None, goal_tolerance: float = 0.01):
         if not (isinstance(goal_range, (int, float)) and 0 < goal_range <= 1):
             raise ValueError(f"env.goal_range: must be in (0, 1], got {goal_range!r}")
+        if isinstance(goal_tolerance, bool) or not (isinstance(goal_tolerance, (int, float)) and 0 <= goal_tolerance < 1):
+            raise ValueError(f"env.goal_tolerance: must be in [0, 1) (0: never terminate), got {goal_tolerance!r}")
+        self.goal_tolerance = float(goal_tolerance)
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"env.render_mode: must be None or 'rgb_array', got {render_mode!r}")
         self.goal_range = float(goal_range)
@@ -65,12 +70,15 @@ class Navigation2DEnv(gym.Env):
         return self._pos.astype(np.float32), {}
 
     def step(self, action):
-        """Move by the clipped action; the reward is minus the distance to the goal."""
+        """Move by the clipped action; the reward is minus the distance to the goal; terminated within
+        ``goal_tolerance`` of it in both coordinates."""
         action = np.clip(np.asarray(action, dtype=np.float64), -self.MAX_STEP, self.MAX_STEP)
         self._pos = self._pos + action
         self._path.append(self._pos.copy())
-        dist = float(np.linalg.norm(self._pos - self.goal))
-        return self._pos.astype(np.float32), -dist, False, False, {"distance": dist}
+        diff = self._pos - self.goal
+        dist = float(np.sqrt(diff[0] * diff[0] + diff[1] * diff[1]))
+        reached = bool((np.abs(diff) < self.goal_tolerance).all())
+        return self._pos.astype(np.float32), -dist, reached, False, {"distance": dist}
 
     def render(self) -> np.ndarray | None:
         """An RGB image (H, W, 3) of the path so far (blue), the start (black) and the goal (red)."""
@@ -101,10 +109,12 @@ class Navigation2DVectorEnv(gym.vector.VectorEnv):
 
     metadata = {"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
 
-    def __init__(self, num_envs: int, goal_range: float = 0.5, max_episode_steps: int | None = None):
+    def __init__(self, num_envs: int, goal_range: float = 0.5, max_episode_steps: int | None = None,
+                 goal_tolerance: float = 0.01):
         if not (isinstance(num_envs, int) and num_envs >= 1):
             raise ValueError(f"env.num_envs: must be an integer >= 1, got {num_envs!r}")
-        self.single_env = Navigation2DEnv(goal_range)
+        self.single_env = Navigation2DEnv(goal_range, goal_tolerance=goal_tolerance)
+        self.goal_tolerance = self.single_env.goal_tolerance
         self.num_envs = num_envs
         self.max_episode_steps = max_episode_steps
         self.single_observation_space = self.single_env.observation_space
@@ -139,11 +149,13 @@ class Navigation2DVectorEnv(gym.vector.VectorEnv):
         self._pos = self._pos + actions
         diff = self._pos - self._goals
         dist = np.sqrt(diff[:, 0] * diff[:, 0] + diff[:, 1] * diff[:, 1])
+        terminated = (np.abs(diff) < self.goal_tolerance).all(1)
         self._steps += 1
         truncated = (np.zeros(self.num_envs, dtype=bool) if self.max_episode_steps is None
                      else self._steps >= self.max_episode_steps)
         obs = self._pos.astype(np.float32)
-        if truncated.any():  # same-step autoreset: the episode's last position goes into the info
-            self._pos[truncated] = 0.0
-            self._steps[truncated] = 0
-        return obs, -dist, np.zeros(self.num_envs, dtype=bool), truncated, {"distance": dist}
+        done = terminated | truncated
+        if done.any():  # same-step autoreset: the episode's last position is the observation returned
+            self._pos[done] = 0.0
+            self._steps[done] = 0
+        return obs, -dist, terminated, truncated, {"distance": dist}

@@ -59,7 +59,8 @@ FORMS = ("maml", "proximal")
 
 
 @functools.lru_cache(maxsize=8)
-def rollout_sampler(env: str, horizon: int | None, hidden: tuple[int, ...], workers: int = 0):
+def rollout_sampler(env: str, horizon: int | None, hidden: tuple[int, ...], workers: int = 0,
+                    normalize_actions: bool = True):
     """One rollout sampler per process and setting (vector environments are not picklable, so every
     process — a Ray agent included — builds its own). ``workers > 0``: Ray rollout actors."""
     from bilevel_ray.rl.rollouts import RolloutSampler
@@ -67,8 +68,8 @@ def rollout_sampler(env: str, horizon: int | None, hidden: tuple[int, ...], work
     if workers:
         from bilevel_ray.rl.ray_rollouts import RayRolloutSampler
 
-        return RayRolloutSampler(env, workers=workers, horizon=horizon, hidden=hidden)
-    return RolloutSampler(env, horizon=horizon, hidden=hidden)
+        return RayRolloutSampler(env, workers=workers, horizon=horizon, hidden=hidden, normalize_actions=normalize_actions)
+    return RolloutSampler(env, horizon=horizon, hidden=hidden, normalize_actions=normalize_actions)
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,8 @@ class MetaRLTask(Task):
     estimator: str = hp("lvc", choices=("lvc", "dice"),
                         doc="second-order surrogate: lvc (ProMP's low-variance curvature) or dice (unbiased)")
     horizon: int | None = hp(None, low=0, doc="episode length (default: the environment's time limit)")
+    normalize_actions: bool = hp(True, doc="Gaussian policies act in units of the action box (center + half-width "
+                                           "× action, as rllab's normalize in MAML's code): std 1 spans the box")
     train_tasks: int = hp(40, low=1, strict=False, doc="fixed training tasks (the rows of y)")
     meta_batch: int = hp(10, low=1, strict=False, doc="tasks per minibatch")
     episodes: int = hp(10, low=1, strict=False, doc="episodes per task in a minibatch")
@@ -225,7 +228,7 @@ class MetaRLTask(Task):
     def __post_init__(self) -> None:
         super().__post_init__()
         # the in-process sampler (cached per process; unknown ids fail here, in one line) draws the tasks
-        tasks = rollout_sampler(self.env, self.horizon or None, self.hidden).sample_tasks
+        tasks = rollout_sampler(self.env, self.horizon or None, self.hidden, 0, self.normalize_actions).sample_tasks
         object.__setattr__(self, "train", tuple(tasks(self.train_tasks, seed=2 * self.seed)))
         object.__setattr__(self, "held_out", tuple(tasks(self.eval_tasks, seed=2 * self.seed + 1)))
         every = TaskIndexSampler(tuple(range(self.train_tasks)), self.meta_batch)
@@ -233,6 +236,8 @@ class MetaRLTask(Task):
         object.__setattr__(self, "outer", every)
         #: seconds this process spent in each phase of the data (rollouts, advantages), for profiles
         object.__setattr__(self, "timings", Counter())
+        #: environment steps sampled for training (``env_steps``; Ray agents' add up in the driver's task)
+        object.__setattr__(self, "counts", Counter())
 
     # -- rollouts --------------------------------------------------------------------------------------
     @property
@@ -243,7 +248,13 @@ class MetaRLTask(Task):
     @property
     def sampler(self):
         """This process's rollout sampler (Ray rollout actors when ``rollout_workers > 0``)."""
-        return rollout_sampler(self.env, self.horizon or None, self.hidden, self.rollout_workers)
+        return rollout_sampler(self.env, self.horizon or None, self.hidden, self.rollout_workers, self.normalize_actions)
+
+    @property
+    def training_sampler(self) -> "_TrainingSampler":
+        """The sampler of training rollouts: :attr:`sampler`, timed and counted in :attr:`timings` and
+        :attr:`counts` (what algorithms that collect their own episodes, such as MAML-TRPO, sample through)."""
+        return _TrainingSampler(self)
 
     @property
     def policy(self):
@@ -255,10 +266,11 @@ class MetaRLTask(Task):
         """The policy-gradient step that adapts a meta-policy: ``adapt_lr`` (maml form), ``1/reg`` (proximal)."""
         return self.adapt_lr if self.form == "maml" else 1.0 / self.reg
 
-    def _sample(self, params: Any, tasks: list[dict], seed: int) -> Any:
+    def _sample(self, params: Any, tasks: list[dict], seed: Any, episodes: int | None = None) -> Any:
         start = time.perf_counter()
-        eps = self.sampler.sample(params, tasks, self.episodes, seed=seed)
+        eps = self.sampler.sample(params, tasks, episodes or self.episodes, seed=seed)
         self.timings["rollouts"] += time.perf_counter() - start
+        self.counts["env_steps"] += eps.steps
         return eps
 
     def _split(self, eps: Any, tasks: int) -> tuple[tuple[Any, ...], tuple[Tensor, ...]]:
@@ -380,7 +392,7 @@ class MetaRLTask(Task):
         from bilevel_ray.rl.metapolicy import MetaPolicy
 
         return MetaPolicy(self.env, self.sampler.horizon, self.hidden, {k: v.detach() for k, v in x.items()},
-                          self.adaptation_lr, self.adapt_steps, self.gamma, self.gae_lambda)
+                          self.adaptation_lr, self.adapt_steps, self.gamma, self.gae_lambda, self.normalize_actions)
 
     def metrics(self, x: PyTree, y: PyTree) -> dict[str, float]:
         """On the fixed held-out tasks: mean return of ``x`` before (``pre_return``) and after
@@ -397,6 +409,16 @@ class MetaRLTask(Task):
         post = float(returns[-1].mean())
         return {"outer_objective": -post / horizon, "pre_return": float(returns[0].mean()), "post_return": post,
                 "lower_return": float(lower.returns.mean())}
+
+
+@dataclass(frozen=True)
+class _TrainingSampler:
+    """``sample`` of a task's rollout sampler, timed and counted by the task (see ``training_sampler``)."""
+
+    task: MetaRLTask
+
+    def sample(self, params: Any, tasks: Sequence[dict], episodes_per_task: int, *, seed: Any) -> Any:
+        return self.task._sample(params, list(tasks), seed, episodes_per_task)
 
 
 def adapt_policies(sampler: Any, x: PyTree, tasks: Sequence[dict], *, steps: int, lr: float, episodes: int,

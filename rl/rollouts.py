@@ -6,6 +6,11 @@ where it registers one, else a ``SyncVectorEnv``) and returns time-major tensors
 (counted over the whole request, ``first_episode`` on) takes its reset seed and its action noise from
 ``(seed, j)`` alone, so splitting a request across processes (Ray rollout workers) gives the same
 episodes as running it in one.
+
+With ``normalize_actions`` (the default) a Gaussian policy acts in units of the action box: its action
+``a`` moves the environment by ``center + half_width · a`` (then clipped to the box), so that a policy of
+standard deviation 1 explores the whole box without saturating it, whatever the box's size (rllab's
+``normalize`` wrapper, which MAML's own code used). ``Episodes.actions`` stay in the policy's units.
 """
 
 from __future__ import annotations
@@ -83,7 +88,7 @@ class RolloutSampler:
     KEEP = 4
 
     def __init__(self, env_id: str, *, horizon: int | None = None, env_kwargs: dict[str, Any] | None = None,
-                 policy: Policy | None = None, hidden: tuple[int, ...] = (100, 100)):
+                 policy: Policy | None = None, hidden: tuple[int, ...] = (100, 100), normalize_actions: bool = True):
         self.env_id = env_id
         self.env_kwargs = dict(env_kwargs or {})
         probe = make_env(env_id, **self.env_kwargs)
@@ -93,12 +98,31 @@ class RolloutSampler:
             raise ValueError(f"rl.horizon: must be a positive integer (the environment sets no time limit), got {horizon!r}")
         self.observation_space, self.action_space = probe.observation_space, probe.action_space
         self.policy = policy if policy is not None else make_policy(probe.observation_space, probe.action_space, hidden)
+        self.normalize_actions = bool(normalize_actions)
+        self._scale = self._center = None
+        space = self.action_space
+        if self.normalize_actions and isinstance(space, gym.spaces.Box):
+            if not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
+                raise ValueError(f"task.normalize_actions: {env_id}'s action box is unbounded ({space}); set it to false")
+            low, high = space.low.astype(np.float64), space.high.astype(np.float64)
+            if not (np.array_equal(low, -np.ones_like(low)) and np.array_equal(high, np.ones_like(high))):
+                self._scale, self._center = (high - low) / 2, (high + low) / 2
         self._task_sampler = probe
         self._vecs: dict[int, gym.vector.VectorEnv] = {}
 
     def sample_tasks(self, n: int, *, seed: int) -> list[EnvTask]:
         """``n`` tasks of the environment; the same seed gives the same tasks."""
         return self._task_sampler.unwrapped.sample_tasks(n, seed=seed)
+
+    def env_actions(self, actions: np.ndarray) -> np.ndarray:
+        """The environment's actions for the policy's ``actions`` (box units when normalizing), clipped to
+        the action box; discrete actions unchanged."""
+        space = self.action_space
+        if not isinstance(space, gym.spaces.Box):
+            return actions
+        if self._scale is not None:
+            actions = self._center + self._scale * actions
+        return np.clip(actions, space.low, space.high).astype(space.dtype)
 
     def _vector_env(self, n: int) -> gym.vector.VectorEnv:
         vec = self._vecs.pop(n, None)
@@ -127,7 +151,8 @@ class RolloutSampler:
         if per_task and len(params) != len(tasks):
             raise ValueError(f"rl.params: one policy per task needed, got {len(params)} for {len(tasks)} tasks")
         n = len(tasks) * episodes_per_task
-        dtype = next(iter((params[0] if per_task else params).values())).dtype
+        first = next(iter((params[0] if per_task else params).values()))
+        dtype, device = first.dtype, first.device  # episodes live where the policy does
         vec = self._vector_env(n)
         if hasattr(vec, "set_tasks"):
             vec.set_tasks([tasks[i // episodes_per_task] for i in range(n)])
@@ -139,9 +164,8 @@ class RolloutSampler:
         reset_seeds = [int(r.integers(2**31)) for r in rngs]
         noise = torch.as_tensor(np.stack([
             r.standard_normal((self.horizon, *self.policy.noise_shape)) if self.policy.noise_shape
-            else r.random(self.horizon) for r in rngs], 1), dtype=dtype)
+            else r.random(self.horizon) for r in rngs], 1), dtype=dtype, device=device)
         obs_np, _ = vec.reset(seed=reset_seeds)
-        box = isinstance(self.action_space, gym.spaces.Box)
         obs, actions, rewards, mask, logp = [], [], [], [], []
         alive = np.ones(n, dtype=bool)
         # All tasks' policies run as one batched pass, (tasks, episodes per task, ·), also where the tasks
@@ -151,23 +175,21 @@ class RolloutSampler:
         stacked = ({name: torch.stack([p[name] for p in params]) for name in params[0]} if per_task
                    else {name: v.unsqueeze(0).expand(k, *v.shape) for name, v in params.items()})
         for t in range(self.horizon):
-            o = torch.tensor(obs_np, dtype=dtype)  # a copy: the vector env reuses its buffer
+            o = torch.tensor(obs_np, dtype=dtype, device=device)  # a copy: the vector env reuses its buffer
             a, lp = self.policy.sample_stacked(stacked, o.reshape(k, episodes_per_task, -1),
                                                noise[t].reshape(k, episodes_per_task, *noise.shape[2:]))
             a, lp = a.reshape(n, *a.shape[2:]), lp.reshape(n)
             logp.append(lp)
-            a_np = a.numpy()
-            if box:
-                a_np = np.clip(a_np, self.action_space.low, self.action_space.high).astype(self.action_space.dtype)
+            a_np = self.env_actions(a.cpu().numpy())
             obs.append(o)
             actions.append(a)
-            mask.append(torch.as_tensor(alive, dtype=dtype))
+            mask.append(torch.as_tensor(alive, dtype=dtype, device=device))
             obs_np, r, terminated, truncated, _ = vec.step(a_np)
-            rewards.append(torch.as_tensor(np.where(alive, r, 0.0), dtype=dtype))
+            rewards.append(torch.as_tensor(np.where(alive, r, 0.0), dtype=dtype, device=device))
             alive = alive & ~(terminated | truncated)
             if not alive.any():
                 break
-        task = torch.arange(len(tasks)).repeat_interleave(episodes_per_task)
+        task = torch.arange(len(tasks), device=device).repeat_interleave(episodes_per_task)
         return Episodes(torch.stack(obs), torch.stack(actions), torch.stack(rewards), torch.stack(mask),
                         torch.stack(logp), task)
 

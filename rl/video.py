@@ -13,19 +13,20 @@ from bilevel_ray.files import atomic_write
 __all__ = ["episode_frames", "write_adaptation_gif"]
 
 
-def episode_frames(env_id: str, task: dict, policy: Any, params: dict, *, horizon: int, seed: int,
+def episode_frames(env_id: str, task: dict, sampler: Any, params: dict, *, horizon: int, seed: int,
                    every: int = 2) -> list[np.ndarray]:
-    """Frames of one episode of the policy's mean actions (every ``every`` steps, and the last)."""
+    """Frames of one episode of the policy's mean actions (every ``every`` steps, and the last), mapped to
+    the environment's actions as ``sampler`` maps them."""
     from bilevel_ray.rl.core import make_env
 
     env = make_env(env_id, task=task, render_mode="rgb_array")
     try:
         obs, _ = env.reset(seed=seed)
-        frames = []
+        frames, policy = [], sampler.policy
         for t in range(horizon):
             o = torch.as_tensor(np.asarray(obs), dtype=next(iter(params.values())).dtype)
             noise = torch.zeros(policy.noise_shape, dtype=o.dtype) + (0.5 if not policy.noise_shape else 0.0)
-            action = policy.sample(params, o, noise)[0].detach().numpy()
+            action = sampler.env_actions(policy.sample(params, o, noise)[0].detach().numpy())
             obs, _, terminated, truncated, _ = env.step(action if action.ndim else int(action))
             if t % every == 0 or terminated or truncated or t == horizon - 1:
                 frames.append(np.asarray(env.render()))
@@ -42,14 +43,14 @@ def write_adaptation_gif(meta_policy: Any, path: str | Path, *, tasks: int = 4, 
 
     new = meta_policy.new_tasks(tasks, seed=seed)
     _, adapted = meta_policy.adapt(new, seed=seed)
-    policy = meta_policy.sampler.policy
+    sampler = meta_policy.sampler
     frames = []
     for k, task in enumerate(new):
         try:
-            before = episode_frames(meta_policy.env, task, policy, meta_policy.params, horizon=meta_policy.horizon, seed=seed)
+            before = episode_frames(meta_policy.env, task, sampler, meta_policy.params, horizon=meta_policy.horizon, seed=seed)
         except Exception as err:  # rendering needs an rgb_array renderer (MuJoCo: MUJOCO_GL=egl)
             raise ValueError(f"--video: {meta_policy.env} cannot render rgb_array here ({err})") from None
-        after = episode_frames(meta_policy.env, task, policy, adapted[k], horizon=meta_policy.horizon, seed=seed)
+        after = episode_frames(meta_policy.env, task, sampler, adapted[k], horizon=meta_policy.horizon, seed=seed)
         for i in range(max(len(before), len(after))):
             left, right = before[min(i, len(before) - 1)], after[min(i, len(after) - 1)]
             gap = np.full((left.shape[0], 4, 3), 128, np.uint8)

@@ -94,9 +94,9 @@ class HyperCleaningTask(Task):
 
     def fit_lower(self, x: torch.Tensor, max_iter: int = 500) -> torch.Tensor:
         """Solve the lower level for fixed sample weights (L-BFGS, full batch)."""
-        y = self.init()[1].requires_grad_(True)
-        opt = torch.optim.LBFGS([y], max_iter=max_iter, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
         data = self.inner.full()
+        y = self.init()[1].to(data[0].device).requires_grad_(True)
+        opt = torch.optim.LBFGS([y], max_iter=max_iter, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
 
         def closure():
             opt.zero_grad()
@@ -109,7 +109,7 @@ class HyperCleaningTask(Task):
 
     def noisy_baseline(self) -> float:
         """Test accuracy of the model trained on the noisy set with equal weights."""
-        return self.accuracy(self.fit_lower(torch.zeros(self.n_train, dtype=DTYPES[self.dtype])))
+        return self.accuracy(self.fit_lower(torch.zeros(self.n_train, dtype=DTYPES[self.dtype], device=self.test[0].device)))
 
     def metrics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """Validation loss, test accuracy and the mean weight on clean and on corrupted samples."""

@@ -96,7 +96,7 @@ class LogRegHPOTask(Task):
         """Exact lower-level solution by Newton's method."""
         x = x.detach().double()
         data = tuple(t.double() for t in self.inner.full())
-        y = torch.zeros(self.dim, dtype=torch.float64)
+        y = torch.zeros(self.dim, dtype=torch.float64, device=x.device)
         for _ in range(max_iter):
             grad, hess = self._grad_hess(x, y, data)
             step = torch.linalg.solve(hess, grad)

@@ -155,7 +155,7 @@ class QuadraticTask(Task):
         hess = self.hessian_h()
         if torch.linalg.eigvalsh(hess).min() <= 0:
             raise ValueError("task: h is not strongly convex for these parameters, x* is not unique")
-        return -torch.linalg.solve(hess, self.hypergradient(torch.zeros(self.dim_x, dtype=torch.float64)))
+        return -torch.linalg.solve(hess, self.hypergradient(torch.zeros(self.dim_x, dtype=torch.float64, device=hess.device)))
 
     def metrics(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """Full-batch ``f``, exact ``h(x)`` and ``‖∇h(x)‖²``, ``‖y − y*(x)‖`` and, where ``x*`` is unique, the

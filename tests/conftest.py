@@ -34,7 +34,9 @@ def _ray_only_on_the_session_cluster():
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One real multi-node Ray cluster for the whole session, started by the first test that asks: a
-    head and two worker nodes, all on loopback, token auth as Ray defaults; shut down at the end. Under
+    head and two worker nodes, all on loopback, token auth as Ray defaults; shut down at the end. Each
+    worker node declares two GPUs (none need exist: Ray hands out shares and ``CUDA_VISIBLE_DEVICES``
+    all the same, which is what the placement tests check; tasks asking for no GPU see none). Under
     pytest-xdist each worker process is its own session and starts its own cluster when it first needs
     one (``scripts/test.sh`` runs two workers; the Ray tests keep both cores busy, so running them all on
     one worker would leave the other idle)."""
@@ -44,7 +46,7 @@ def ray_cluster():
     cluster = Cluster(initialize_head=True, connect=True, head_node_args={
         "num_cpus": 4, "node_ip_address": RAY_NODE_IP, "include_dashboard": False})
     for _ in range(2):
-        cluster.add_node(num_cpus=4, node_ip_address=RAY_NODE_IP)
+        cluster.add_node(num_cpus=4, num_gpus=2, node_ip_address=RAY_NODE_IP)
     cluster.wait_for_nodes()
     for node in ray.nodes():
         assert ipaddress.ip_address(node["NodeManagerAddress"]).is_loopback, node["NodeManagerAddress"]

@@ -50,6 +50,43 @@ def test_navigation_reward_is_minus_distance_to_goal_with_clipped_moves():
             assert not term and not trunc
 
 
+def test_navigation_terminates_within_tolerance_of_the_goal_as_in_the_maml_paper():
+    from bilevel_ray.rl.navigation import Navigation2DVectorEnv
+
+    task, near, far = {"goal_x": 0.15, "goal_y": 0.0}, np.array([0.1, 0.004]), np.array([0.1, 0.02])
+    for tolerance, ends in ((0.01, True), (0.0, False)):
+        env = rl.make_env("BilevelRay/Navigation2D-v0", task=task, goal_tolerance=tolerance)
+        env.reset(seed=0)
+        assert env.step(far)[2] is False
+        _, r, term, trunc, _ = env.step(np.array([0.05, -0.016]))  # now at (0.15, 0.004): within 0.01 in x and y
+        assert term is ends and trunc is False and r == pytest.approx(-0.004, abs=1e-9)
+    vec = Navigation2DVectorEnv(2, max_episode_steps=5)
+    vec.set_tasks([{"goal_x": 0.1, "goal_y": 0.0}, {"goal_x": 0.3, "goal_y": 0.0}])
+    vec.reset(seed=0)
+    obs, _, term, trunc, _ = vec.step(np.stack([near, near]))
+    assert term.tolist() == [True, False] and not trunc.any() and np.allclose(obs[0], near)
+    assert np.allclose(vec.step(np.stack([far, far]))[0], [far, near + far])  # the finished copy restarted
+    with pytest.raises(ValueError, match=r"env.goal_tolerance: must be in \[0, 1\)"):
+        rl.make_env("BilevelRay/Navigation2D-v0", goal_tolerance=-0.1)
+
+
+def test_sampler_maps_box_actions_from_the_policys_units_and_clips():
+    """``normalize_actions``: the policy's action a moves the environment by center + half-width · a (std 1
+    spans the box); without it the action is the move. Either way the move is clipped to the box and the
+    episodes keep the policy's own actions and log-probabilities."""
+    tasks = [{"goal_x": 0.3, "goal_y": -0.2}]
+    for normalize, scale in ((True, 0.1), (False, 1.0)):
+        sampler = RolloutSampler("BilevelRay/Navigation2D-v0", horizon=6, hidden=(8,), normalize_actions=normalize)
+        params = sampler.policy.init(seed=0)
+        eps = sampler.sample(params, tasks, 5, seed=0)
+        moves = eps.obs[1:] - eps.obs[:-1]
+        assert torch.allclose(moves, (scale * eps.actions[:-1]).clamp(-0.1, 0.1), atol=1e-6)
+        assert torch.allclose(sampler.policy.log_prob(params, eps.obs, eps.actions), eps.log_probs, atol=1e-5)
+    unit = RolloutSampler("BilevelRay/HalfCheetahVel-v0", horizon=2, hidden=(4,))  # a [-1, 1] box: unchanged
+    a = np.array([0.3, -2.0, 0.5, 1.5, 0.0, -0.7])
+    assert np.array_equal(unit.env_actions(a), np.clip(a, -1, 1).astype(np.float32))
+
+
 def test_navigation_renders_rgb_array():
     env = gym.make("BilevelRay/Navigation2D-v0", render_mode="rgb_array")
     env.reset(seed=0)
@@ -280,8 +317,8 @@ def test_rollouts_are_reproducible_and_independent_of_how_requests_are_split():
     whole = sampler.sample(params, tasks, 3, seed=11)
     assert whole.obs.shape == (30, 12, 2) and whole.actions.shape == (30, 12, 2) and whole.steps == 360
     assert whole.task.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
-    # each observation is the position after the previous (clipped) actions
-    moves = torch.clamp(whole.actions.double(), -0.1, 0.1).cumsum(0)[:-1]
+    # each observation is the position after the previous actions (in units of the ±0.1 box, clipped)
+    moves = torch.clamp(0.1 * whole.actions.double(), -0.1, 0.1).cumsum(0)[:-1]
     assert torch.allclose(whole.obs[1:].double(), moves, atol=1e-5) and (whole.obs[0] == 0).all()
     again = sampler.sample(params, tasks, 3, seed=11)
     halves = concat_episodes([sampler.sample(params, tasks[:2], 3, seed=11),
@@ -297,7 +334,7 @@ def test_rollouts_are_reproducible_and_independent_of_how_requests_are_split():
     # the rewards are those of the environment for the recorded actions
     for e in (0, 7):
         goal = np.array([tasks[whole.task[e]]["goal_x"], tasks[whole.task[e]]["goal_y"]])
-        pos = np.cumsum(np.clip(whole.actions[:, e].double().numpy(), -0.1, 0.1), 0)
+        pos = np.cumsum(np.clip(0.1 * whole.actions[:, e].double().numpy(), -0.1, 0.1), 0)
         assert np.allclose(whole.rewards[:, e].numpy(), -np.linalg.norm(pos - goal, axis=1), atol=1e-5)
     assert torch.allclose(whole.returns, whole.rewards.sum(0))
 
@@ -525,20 +562,26 @@ def test_soft_clipped_importance_weights_keep_gradient_and_hessian_at_the_sampli
 
 def test_native_vector_navigation_matches_the_single_environment_bit_for_bit():
     """gymnasium's vector_entry_point of 2-D navigation gives the same episodes as a SyncVectorEnv of the
-    registered environment (positions, rewards, truncation), and splits by task like it."""
+    registered environment (positions, rewards, termination, truncation), and splits by task like it."""
     from bilevel_ray.rl.navigation import Navigation2DVectorEnv
 
-    sampler = RolloutSampler("BilevelRay/Navigation2D-v0", hidden=(8,))
-    params = sampler.policy.init(seed=0)
-    tasks = sampler.sample_tasks(3, seed=0)
-    native = sampler.sample(params, tasks, 4, seed=1)
-    assert isinstance(sampler._vector_env(12), Navigation2DVectorEnv)
-    sampler._vecs[12] = gym.vector.SyncVectorEnv([lambda: rl.make_env("BilevelRay/Navigation2D-v0") for _ in range(12)])
-    reference = sampler.sample(params, tasks, 4, seed=1)
-    for name in native._fields:
-        assert torch.equal(getattr(native, name), getattr(reference, name)), name
-    assert native.mask.shape[0] == 100 and bool(native.mask.all())
-    vec = Navigation2DVectorEnv(2, max_episode_steps=3)
+    for kwargs in ({"goal_tolerance": 0.0}, {"goal_tolerance": 0.2}):  # never, and often at different steps
+        sampler = RolloutSampler("BilevelRay/Navigation2D-v0", hidden=(8,), env_kwargs=kwargs)
+        params = sampler.policy.init(seed=0)
+        tasks = sampler.sample_tasks(3, seed=0)
+        native = sampler.sample(params, tasks, 4, seed=1)
+        assert isinstance(sampler._vector_env(12), Navigation2DVectorEnv)
+        sampler._vecs[12] = gym.vector.SyncVectorEnv(
+            [lambda: rl.make_env("BilevelRay/Navigation2D-v0", **kwargs) for _ in range(12)])
+        reference = sampler.sample(params, tasks, 4, seed=1)
+        assert torch.equal(native.mask, reference.mask) and torch.equal(native.task, reference.task)
+        live = native.mask.bool()  # after an episode ends the two autoreset differently; those steps are masked
+        for name in ("obs", "actions", "rewards", "log_probs"):
+            assert torch.equal(getattr(native, name)[live], getattr(reference, name)[live]), name
+        lengths = native.mask.sum(0)
+        ends = len(set(lengths.tolist())) >= 4 if kwargs["goal_tolerance"] else bool(native.mask.all())
+        assert native.mask.shape[0] == 100 and ends
+    vec = Navigation2DVectorEnv(2, max_episode_steps=3, goal_tolerance=0.0)
     with pytest.raises(ValueError, match=r"Navigation2DVectorEnv.set_task: task\['goal_y'\] must be in"):
         vec.set_tasks([{"goal_x": 0.0, "goal_y": 0.0}, {"goal_x": 0.0, "goal_y": 9.0}])
     with pytest.raises(ValueError, match="env.tasks: need 2 tasks, one per sub-environment, got 1"):
@@ -569,3 +612,19 @@ def test_advantages_of_many_tasks_in_one_pass_equal_each_task_alone():
     assert torch.allclose(together, alone, atol=1e-5)
     with pytest.raises(ValueError, match="rl.groups: 20 episodes do not split into 3 equal groups"):
         advantages(eps.obs, eps.rewards, eps.mask, groups=3)
+
+
+def test_mujoco_environments_print_no_warning_about_gymnasiums_model_files(capfd):
+    import warnings
+
+    from bilevel_ray.rl import locomotion
+
+    env = rl.make_env("BilevelRay/HalfCheetahVel-v0")
+    env.close()
+    out, err = capfd.readouterr()
+    assert "settotalmass" not in out + err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        locomotion._mujoco_warning("compiler attribute 'settotalmass' is deprecated and will be removed")
+        with pytest.raises(RuntimeWarning, match="MuJoCo: Nan, Inf or huge value in QACC"):
+            locomotion._mujoco_warning("Nan, Inf or huge value in QACC at DOF 0")

@@ -57,7 +57,7 @@ def test_short_maml_trpo_run_on_navigation_raises_post_adaptation_return():
     pre0, _ = adapted_returns(policy, sampler, params, held_out, episodes=10, ad=ad, seed=5)
     for it in range(8):
         step = maml_trpo_step(policy, sampler, params, sampler.sample_tasks(8, seed=it), episodes=10, ad=ad, seed=it)
-        assert step.accepted and 0 < step.kl < 0.01 and step.env_steps == 2 * 8 * 10 * 100
+        assert step.accepted and 0 < step.kl < 0.01 and 0 < step.env_steps <= 2 * 8 * 10 * 100
         params = step.params
     pre, post = adapted_returns(policy, sampler, params, held_out, episodes=10, ad=ad, seed=5)
     gain, half = mean_ci95((post - pre).numpy())

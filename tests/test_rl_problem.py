@@ -136,3 +136,23 @@ def test_maml_trpo_refuses_the_stacked_simulation_by_name():
                      "decentralized": {"agents": 2, "backend": "sim"}, "run": {"steps": 1}})
     with pytest.raises(ValueError, match="maml_trpo runs one agent per process; use decentralized.backend: ray"):
         make_backend(cfg.task, cfg.algorithm, cfg.decentralized, seed=0)
+
+
+@pytest.mark.parametrize("algorithm", [{"name": "maml_trpo"}, {"name": "soba", "inner_lr": 1.0}])
+def test_training_environment_steps_are_counted_by_the_task(algorithm):
+    """Rollouts sampled for training (the bilevel problem's, and those MAML-TRPO collects itself) add up in
+    ``task.counts["env_steps"]``; the metrics' evaluation rollouts do not."""
+    from bilevel_ray.config import from_dict
+    from bilevel_ray.problem import bind
+
+    cfg = from_dict({"task": {"name": "meta_rl", **SMALL, "horizon": 20, "train_tasks": 4},
+                     "algorithm": algorithm, "run": {"steps": 1, "seed": 0}})
+    task, algo = cfg.task, cfg.algorithm
+    x, y = task.init(seed=0)
+    state = algo.init(bind_at(task, x, y), x, y, seed=0)
+    task.metrics(state.x, state.y)
+    assert task.counts["env_steps"] == 0
+    for step in range(2):
+        state = algo.step(state, bind(task, state))
+        per_step = 2 * task.meta_batch * task.episodes * 20  # episodes of x and of the adapted policies
+        assert step * per_step < task.counts["env_steps"] <= (step + 1) * per_step

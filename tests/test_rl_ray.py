@@ -47,9 +47,12 @@ def _cfg(backend: str, tmp_path, algo: dict) -> dict:
                                   {"name": "d_soba", "inner_lr": 0.05, "outer_lr": 0.5}])
 def test_decentralized_meta_rl_runs_the_same_on_ray_agents_and_the_simulation(ray_cluster, tmp_path, algo):
     """Each agent samples its own tasks' rollouts in its actor; every draw is a function of
-    (seed, rank, step), so Ray agents and the one-process simulation log the same rows."""
-    sim = run(from_dict(_cfg("sim", tmp_path, algo)), progress=False)
-    ray_rows = run(from_dict(_cfg("ray", tmp_path, algo)), progress=False)
+    (seed, rank, step), so Ray agents and the one-process simulation log the same rows, and the Ray
+    agents' environment steps add up in the driver's task as the simulated agents' do."""
+    sim_cfg, ray_cfg = from_dict(_cfg("sim", tmp_path, algo)), from_dict(_cfg("ray", tmp_path, algo))
+    sim = run(sim_cfg, progress=False)
+    ray_rows = run(ray_cfg, progress=False)
+    assert sim_cfg.task.counts["env_steps"] == ray_cfg.task.counts["env_steps"] > 0
     assert [r["step"] for r in sim] == [0, 3]
     for a, b in zip(sim, ray_rows):
         for key in ("pre_return", "post_return", "lower_return"):

@@ -93,10 +93,12 @@ def test_pbt_restores_trials_from_checkpoints_and_continues_their_step_counter(t
 
 
 def test_decentralized_sweep_places_agents_in_each_trials_placement_group(tmp_path, ray_cluster):
-    path = write(tmp_path, tune={"num_samples": 1, "search": "grid"},
+    """Agents go into their trial's placement group, with the GPU shares the config asks for (the session
+    cluster declares GPUs; the run computes on the CPU it names)."""
+    path = write(tmp_path, tune={"num_samples": 1, "search": "grid", "gpus_per_trial": 0.5},
                  algorithm={"name": "d_soba", "inner_lr": 0.3, "linear_lr": 0.3},
-                 decentralized={"agents": 2, "backend": "ray", "placement": "PACK"},
-                 run={"steps": 20, "eval_every": 5, "seed": 0})
+                 decentralized={"agents": 2, "backend": "ray", "placement": "PACK", "gpus_per_agent": 0.25},
+                 run={"steps": 20, "eval_every": 5, "seed": 0, "device": "cpu"})
     cfg = yaml.safe_load(path.read_text())
     cfg["tune"]["param_space"] = {"algorithm.outer_lr": "grid([0.1, 0.5])"}
     path.write_text(yaml.safe_dump(cfg))
@@ -107,6 +109,7 @@ def test_decentralized_sweep_places_agents_in_each_trials_placement_group(tmp_pa
         assert [int(r["step"]) for r in rows] == [0, 5, 10, 15, 20]
         assert all(int(r["trial_bundles"]) == 3 for r in rows)  # the trial's own bundle + one per agent
         assert all(int(r["agents_in_trial_group"]) == 1 for r in rows)
+        assert all(int(r["trial_gpus"]) == 1 and int(r["agent_gpus"]) == 2 for r in rows)  # a share each
         assert float(rows[-1]["consensus_error"]) >= 0
 
 

@@ -15,9 +15,11 @@ from torch.utils._pytree import tree_map
 
 from bilevel_ray import tree
 from bilevel_ray.decentralized.failures import AgentFailure
+from bilevel_ray.device import resolve_device, to_device
 from bilevel_ray.problem import bind, bind_at
 
-__all__ = ["AgentFailure", "SingleBackend", "make_backend", "connect_ray", "average", "consensus_error"]
+__all__ = ["AgentFailure", "SingleBackend", "make_backend", "driver_device", "check_gpu_request", "connect_ray", "average",
+           "consensus_error"]
 
 
 #: every node of a cluster this library starts itself binds here (loopback, never rewritten by Ray)
@@ -29,10 +31,11 @@ class SingleBackend:
 
     name = "single"
 
-    def __init__(self, algo: Any, task: Any, *, seed: int):
-        self.algo, self.task = algo, task
-        x, y = task.init(seed=seed)
-        self.state = algo.init(bind_at(task, x, y), x, y, seed=seed, rank=0)
+    def __init__(self, algo: Any, task: Any, *, seed: int, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.algo, self.task = algo, to_device(task, self.device)
+        x, y = to_device(self.task.init(seed=seed), self.device)
+        self.state = algo.init(bind_at(self.task, x, y), x, y, seed=seed, rank=0)
         self.bytes_last_round = 0
         self.gossip_last_round = self.latency_last_round = 0.0
 
@@ -48,19 +51,47 @@ class SingleBackend:
 
     def load_states(self, states: list[Any]) -> None:
         """Restart from the one state in ``states``."""
-        (self.state,) = states
+        (state,) = states
+        self.state = to_device(state, self.device)
 
     def close(self) -> None:
         """Nothing to release."""
         pass
 
 
+def driver_device(device: str, settings: Any) -> torch.device:
+    """Where the driver keeps a run's task and states (metrics, checkpoints): ``run.device`` itself for
+    one process and the simulation; for Ray agents, which resolve ``run.device`` in their actors, a CUDA
+    device where the driver has one and the run asks for the GPU, else the CPU."""
+    if settings.backend == "ray":
+        return resolve_device("cpu" if device == "cpu" else "auto")
+    return resolve_device(device)
+
+
+def check_gpu_request(device: str, settings: Any) -> None:
+    """One-line ``ValueError`` before any work where Ray agents cannot get the GPU the run asks for: a
+    CUDA ``run.device`` without a GPU share, or more GPU than the connected cluster has."""
+    if settings.backend != "ray":
+        return
+    if device.startswith("cuda") and not settings.gpus_per_agent:
+        raise ValueError(f"run.device: {device} on Ray agents needs decentralized.gpus_per_agent > 0 (an actor "
+                         f"sees only the GPUs Ray gives it)")
+    if settings.gpus_per_agent:
+        import ray
+
+        have, need = ray.cluster_resources().get("GPU", 0.0), settings.agents * settings.gpus_per_agent
+        if have < need:
+            raise ValueError(f"decentralized.gpus_per_agent: {settings.agents} agents x {settings.gpus_per_agent} "
+                             f"GPU need {need:g} GPUs, the Ray cluster has {have:g}")
+
+
 def make_backend(task: Any, algo: Any, settings: Any, *, seed: int, placement_group: Any = None,
-                 first_bundle: int = 0) -> Any:
-    """The backend a config's ``decentralized`` section asks for (connecting to Ray if needed).
-    ``placement_group`` / ``first_bundle``: Ray agents go into these bundles of an existing group."""
+                 first_bundle: int = 0, device: str = "cpu") -> Any:
+    """The backend a config's ``decentralized`` section asks for (connecting to Ray if needed), computing
+    on ``device`` (``run.device``). ``placement_group`` / ``first_bundle``: Ray agents go into these
+    bundles of an existing group."""
     if settings.agents == 1 and settings.backend == "sim":
-        return SingleBackend(algo, task, seed=seed)
+        return SingleBackend(algo, task, seed=seed, device=driver_device(device, settings))
     from bilevel_ray.decentralized.data import make_agents
     from bilevel_ray.decentralized.gossip import TopologyMixing
 
@@ -70,14 +101,16 @@ def make_backend(task: Any, algo: Any, settings: Any, *, seed: int, placement_gr
     if settings.backend == "sim":
         from bilevel_ray.decentralized.sim import SimBackend
 
-        return SimBackend(algo, agents, schedule, seed=seed)
+        return SimBackend(algo, agents, schedule, seed=seed, device=driver_device(device, settings))
     from bilevel_ray.decentralized.ray_backend import RayBackend
 
     owned = connect_ray(settings.address, settings.agents)
     try:
+        check_gpu_request(device, settings)
         return RayBackend(algo, agents, schedule, seed=seed, strategy=settings.placement,
                           transport=settings.transport, owns_ray=owned, placement_group=placement_group,
-                          first_bundle=first_bundle)
+                          first_bundle=first_bundle, gpus_per_agent=settings.gpus_per_agent, device=device,
+                          driver_device=driver_device(device, settings))
     except BaseException:
         if owned:
             import ray

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from bilevel_ray.device import resolve_device, to_device
 from bilevel_ray.decentralized.failures import AgentFailure, AgentRestarted
 from bilevel_ray.decentralized.data import AgentProblem
 from bilevel_ray.decentralized.transport import RoundAborted, Transport, shm_dir
@@ -35,9 +36,11 @@ __all__ = ["RayBackend", "AgentWorker"]
 class AgentWorker:
     """The body of one agent actor (a thin shell: the algorithm step does the work)."""
 
-    def __init__(self, rank: int, n: int, seed: int, *, name: str, transport: str = "auto", torch_threads: int = 1):
+    def __init__(self, rank: int, n: int, seed: int, *, name: str, transport: str = "auto", torch_threads: int = 1,
+                 device: str = "cpu"):
         prepare_process(torch_threads)
         self.rank, self.n, self.seed = rank, n, seed
+        self.device_spec = device
         self.algo: Any = None
         self.transport = Transport(name, rank, transport)
         self.gossip_round, self.gossip_seconds = 0, 0.0
@@ -49,9 +52,20 @@ class AgentWorker:
             return
         import ray
 
-        self.algo, self.problem, self.mixing_at = ray.get(parts)
-        x, y = self.problem.init(seed=self.seed)
+        # the device this actor sees (its share of a GPU is cuda:0 here); the problem arrives on the CPU
+        self.device = resolve_device(self.device_spec)
+        algo, problem, self.mixing_at = ray.get(parts)
+        self.problem = to_device(problem, self.device)
+        x, y = to_device(self.problem.init(seed=self.seed), self.device)
+        self.algo = algo
         self.state = self.algo.init(bind_at(self.problem, x, y, rank=self.rank), x, y, seed=self.seed, rank=self.rank)
+
+    def placement(self) -> dict[str, Any]:
+        """Where this agent computes: its device, the GPU ids Ray assigned it and ``CUDA_VISIBLE_DEVICES``."""
+        import ray
+
+        return {"device": str(self.device), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
     def set_peers(self, peers: dict[int, Any], nodes: dict[int, str]) -> None:
         """Neighbour handles and the node each runs on (same-node peers gossip through shared memory)."""
@@ -67,7 +81,7 @@ class AgentWorker:
 
     def load_state(self, state: Any, epoch: int) -> None:
         """Restart from ``state`` in a new gossip epoch (after a failure or on resume)."""
-        self.state, self.gossip_round = state, 0
+        self.state, self.gossip_round = to_device(state, self.device), 0
         self.transport.reset(epoch)
 
     def shutdown(self) -> None:
@@ -83,6 +97,8 @@ class AgentWorker:
             leaves, spec = tree_flatten(tree)
             flats = [t.detach().reshape(-1) for t in leaves]
             flat = flats[0] if len(flats) == 1 else torch.cat(flats)
+            device = flat.device
+            flat = flat.cpu()  # buffers travel through host memory (a no-op on the CPU)
             r = self.gossip_round
             self.gossip_round += 1
             start = time.perf_counter()
@@ -92,6 +108,7 @@ class AgentWorker:
             for w, other in zip(w_nb, received):
                 out.add_(other, alpha=w)
             self.transport.release(r, neighbors)
+            out = out.to(device)
             pieces = [p.view(t.shape) for p, t in zip(out.split([t.numel() for t in leaves]), leaves)]
             return tree_unflatten(pieces, spec)
 
@@ -99,23 +116,27 @@ class AgentWorker:
 
     def step(self) -> dict[str, Any]:
         """One round; reports the bytes sent, the round's seconds, those spent exchanging with neighbours
-        (``gossip``, waiting for them included) and the task's own phases (``phases``, e.g. rollouts)."""
+        (``gossip``, waiting for them included), the task's own phases (``phases``, e.g. rollouts) and the
+        round's increments of the task's ``counts`` (e.g. environment steps)."""
         self._check_setup()
         tr = self.transport
         start, sent, shared = time.perf_counter(), tr.bytes_sent, tr.bytes_shared
-        timings = getattr(getattr(self.problem, "task", self.problem), "timings", {})  # a task's phases, if any
-        before = dict(timings)
+        task = getattr(self.problem, "task", self.problem)
+        timings = getattr(task, "timings", {})  # a task's phases, if any
+        counts = getattr(task, "counts", {})  # and what it counts (e.g. environment steps)
+        before, counted = dict(timings), dict(counts)
         self.gossip_seconds = 0.0
         w = np.asarray(self.mixing_at(self.state.t), dtype=np.float64)
         self.state = self.algo.step(self.state, bind(self.problem, self.state), self._mix(w[self.rank]))
         return {"bytes": tr.bytes_sent - sent, "shared": tr.bytes_shared - shared,
                 "seconds": time.perf_counter() - start, "gossip": self.gossip_seconds,
-                "phases": {k: v - before.get(k, 0.0) for k, v in timings.items()}}
+                "phases": {k: v - before.get(k, 0.0) for k, v in timings.items()},
+                "counts": {k: v - counted.get(k, 0) for k, v in counts.items()}}
 
     def get_state(self) -> Any:
-        """This agent's algorithm state."""
+        """This agent's algorithm state, on the CPU (a driver without a GPU can read it)."""
         self._check_setup()
-        return self.state
+        return to_device(self.state, "cpu")
 
     def _check_setup(self) -> None:
         if self.algo is None:
@@ -135,9 +156,13 @@ class RayBackend:
     def __init__(self, algo: Any, agents: list[AgentProblem], mixing_at: Callable[[int], np.ndarray], *,
                  seed: int, strategy: str = "SPREAD", cpus_per_agent: float = 1.0, max_restarts: int = 3,
                  name: str | None = None, transport: str = "auto", owns_ray: bool = False,
-                 placement_group: Any = None, first_bundle: int = 0):
+                 placement_group: Any = None, first_bundle: int = 0, gpus_per_agent: float = 0.0,
+                 device: str = "cpu", driver_device: torch.device | str = "cpu"):
         """``placement_group``: place agent ``i`` in bundle ``first_bundle + i`` of this existing group
-        (a Tune trial's, see :mod:`bilevel_ray.tune`) instead of creating one with ``strategy``."""
+        (a Tune trial's, see :mod:`bilevel_ray.tune`) instead of creating one with ``strategy``.
+        ``gpus_per_agent``: the GPU share each agent asks Ray for (fractional: agents share a GPU);
+        ``device``: the ``run.device`` each agent resolves in its actor; ``driver_device``: where
+        :meth:`states` puts the agents' states for the driver."""
         import ray
         import ray.util
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -145,8 +170,13 @@ class RayBackend:
         if not ray.is_initialized():
             raise RuntimeError("decentralized.backend: ray needs a connected Ray cluster (ray.init or run.address)")
         self.n = len(agents)
+        self.driver_device = torch.device(driver_device)
+        # the driver's task (metrics, learner), on the driver's device: the agents' counts (a task's
+        # ``counts``, e.g. environment steps) add up in it, as they do where the agents run in this process
+        self.task = to_device(getattr(agents[0], "task", agents[0]), self.driver_device)
         self.owns_pg = placement_group is None
-        self.pg = placement_group or ray.util.placement_group([{"CPU": cpus_per_agent}] * self.n, strategy=strategy)
+        bundle = {"CPU": cpus_per_agent, **({"GPU": gpus_per_agent} if gpus_per_agent else {})}
+        self.pg = placement_group or ray.util.placement_group([bundle] * self.n, strategy=strategy)
         ray.get(self.pg.ready(), timeout=120)
         actor_cls = ray.remote(AgentWorker)
         self.name = name or f"bilevel-ray-{uuid.uuid4().hex[:8]}"
@@ -156,10 +186,10 @@ class RayBackend:
         algo_ref, mixing_ref = ray.put(algo), ray.put(mixing_at)
         self._parts = [[algo_ref, ray.put(agent), mixing_ref] for agent in agents]
         self.actors = [
-            actor_cls.options(num_cpus=cpus_per_agent, max_concurrency=4, max_restarts=max_restarts,
+            actor_cls.options(num_cpus=cpus_per_agent, num_gpus=gpus_per_agent, max_concurrency=4, max_restarts=max_restarts,
                               name=f"{self.name}-agent-{i}", scheduling_strategy=
                               PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=first_bundle + i)
-                              ).remote(i, self.n, seed, name=self.name, transport=transport)
+                              ).remote(i, self.n, seed, name=self.name, transport=transport, device=device)
             for i in range(self.n)]
         self._rewire()
         self.owns_ray = owns_ray  # close() also shuts down the Ray session this run started
@@ -206,6 +236,10 @@ class RayBackend:
         self.gossip_last_round = sum(r["gossip"] for r in reports) / len(reports)
         self.phases_last_round = {k: sum(r["phases"].get(k, 0.0) for r in reports) / len(reports)
                                   for k in reports[0]["phases"]}
+        counts = getattr(self.task, "counts", None)
+        if counts is not None:
+            for r in reports:
+                counts.update(r["counts"])
 
     def _rewire(self, timeout: float = 120.0) -> None:
         """Wait for (restarted) actors to come up, set up those that are new, and give every actor its
@@ -232,8 +266,12 @@ class RayBackend:
         self._on_all(lambda i, a: a.load_state.remote(states[i], self.epoch))
 
     def states(self) -> list[Any]:
-        """Every agent's state, fetched from its actor."""
-        return self._on_all(lambda i, a: a.get_state.remote())
+        """Every agent's state, fetched from its actor, on the driver's device."""
+        return to_device(self._on_all(lambda i, a: a.get_state.remote()), self.driver_device)
+
+    def placements(self) -> list[dict[str, Any]]:
+        """Each agent's device, assigned GPU ids and ``CUDA_VISIBLE_DEVICES`` (see :meth:`AgentWorker.placement`)."""
+        return self._on_all(lambda i, a: a.placement.remote())
 
     def _on_all(self, call: Callable[[int, Any], Any]) -> list[Any]:
         """``call`` on every actor; a dead actor turns into :class:`AgentFailure` once it is back."""

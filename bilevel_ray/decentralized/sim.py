@@ -18,6 +18,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from bilevel_ray.decentralized.data import AgentProblem, StackedProblem, stack, unstack
+from bilevel_ray.device import to_device
 from bilevel_ray.problem import bind, bind_at
 from bilevel_ray.tree import PyTree
 
@@ -58,14 +59,17 @@ class SimBackend:
     name = "sim"
 
     def __init__(self, algo: Any, agents: list[AgentProblem], mixing_at: Callable[[int], np.ndarray], *,
-                 seed: int):
+                 seed: int, device: torch.device | str = "cpu"):
         why = refusal(algo) if len(agents) > 1 else None
         if why:
             raise ValueError(why)
         self.algo, self.n = algo, len(agents)
+        self.device = torch.device(device)
+        agents = to_device(list(agents), self.device)  # the task's data moved once, shared by every agent
         self.problem = StackedProblem(agents)
+        self.task = getattr(agents[0], "task", agents[0])  # the driver's view (metrics, learner)
         self.mixing_at = mixing_at
-        x, y = self.problem.init(seed=seed)
+        x, y = to_device(self.problem.init(seed=seed), self.device)
         ranks = tuple(range(self.n))
         self.state = algo.init(bind_at(self.problem, x, y, rank=ranks), x, y, seed=seed, rank=ranks)
         self.bytes_last_round = 0
@@ -100,7 +104,7 @@ class SimBackend:
                 fields[name] = tuple(range(self.n))
             else:  # fields that states() shared out (not stacked per agent) come back as they went
                 fields[name] = stack(values) if _stacked(getattr(self.state, name), self.n) else values[0]
-        self.state = type(self.state)(**fields)
+        self.state = to_device(type(self.state)(**fields), self.device)
 
     def close(self) -> None:
         """Nothing to release."""

@@ -19,7 +19,7 @@ def warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Images ``(n, 1, S, S)`` in [0, 1] (ink dark on white) resampled (bilinear) at ``theta @ [u, v, 1]``
     for output pixel centre ``(u, v)`` in [-1, 1]² (``theta`` ``(n, 2, 3)``, PyTorch's ``affine_grid``
     convention); paper (white) fills what comes from outside."""
-    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(images.device, images.dtype), list(images.shape), align_corners=False)
     return 1.0 - F.grid_sample(1.0 - images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 

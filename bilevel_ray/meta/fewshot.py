@@ -160,7 +160,7 @@ def load(path: str | Path) -> FewShotLearner:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: {path} does not exist")
-    payload = torch.load(path, weights_only=True)
+    payload = torch.load(path, weights_only=True, map_location="cpu")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"checkpoint: {path} is not a few-shot learner (format {FORMAT}); a run's "
                          "learner.pt is, its checkpoint.pt is not")

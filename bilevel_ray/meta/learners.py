@@ -263,9 +263,9 @@ def ridge_head(feats: torch.Tensor, labels: torch.Tensor, *, ways: int, reg: tor
     onehot = F.one_hot(labels, ways).to(feats.dtype)
     n, d = fa.shape[-2:]
     if n <= d:
-        kernel = fa @ fa.mT + n * reg * torch.eye(n, dtype=fa.dtype)
+        kernel = fa @ fa.mT + n * reg * torch.eye(n, dtype=fa.dtype, device=fa.device)
         return (fa.mT @ torch.linalg.solve(kernel, onehot)).mT
-    return torch.linalg.solve(fa.mT @ fa + n * reg * torch.eye(d, dtype=fa.dtype), fa.mT @ onehot).mT
+    return torch.linalg.solve(fa.mT @ fa + n * reg * torch.eye(d, dtype=fa.dtype, device=fa.device), fa.mT @ onehot).mT
 
 
 def _ridge_scores(theta: Params, support_feats, labels, query_feats, ways: int) -> torch.Tensor:

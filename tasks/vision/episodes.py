@@ -155,11 +155,11 @@ class EpisodeSampler:
             qry = self.query_pool.gather(classes, _pick(rng, qcounts, q))
         if self.augment is not None:
             sup, qry = self.augment(sup, rng), self.augment(qry, rng)
-        labels = torch.arange(n)
+        labels = torch.arange(n, device=sup.device)
         shape = sup.shape[-3:]
         return Episode(sup.reshape(b, n * k, *shape), labels.repeat_interleave(k).expand(b, -1).contiguous(),
                        qry.reshape(b, n * q, *shape), labels.repeat_interleave(q).expand(b, -1).contiguous(),
-                       torch.from_numpy(classes))
+                       torch.from_numpy(classes).to(sup.device))
 
     def sample(self, rng: np.random.Generator) -> tuple[int, Episode]:
         """``(-1, episode)``: one meta-batch drawn with ``rng`` (an infinite stream)."""
