@@ -64,6 +64,10 @@ class RunSettings(Params):
     device: str = hp("auto", doc="where data, states and episodes live: auto (a CUDA device if there is one), "
                                  "cpu, cuda or cuda:N; Ray agents use the GPU share decentralized.gpus_per_agent gives them")
 
+    dtype: str = hp("float32", choices=("float32", "bfloat16"),
+                    doc="bfloat16: the model's forward and backward in the first-order oracles under bfloat16 "
+                        "autocast (float32 tasks); HVPs, cross products, iterates and metrics stay in the task's dtype")
+
     def __post_init__(self) -> None:
         from bilevel_ray.device import check_device
 

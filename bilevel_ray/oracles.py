@@ -13,6 +13,9 @@ transform and when no input carries an autograd graph (else, and always inside :
 on ``torch.func``, which composes with outer transforms and outer autograd). Same values; under
 ``torch.func.grad`` some backward kernels run decomposed into elementwise ops (group norm's: a Conv-4
 backbone's gradient took about 1.5× longer on CPU).
+
+Second-order products run in :func:`~bilevel_ray.precision.full_precision`: on a mixed-precision
+problem (``run.dtype: bfloat16``) only the first-order oracles use bfloat16.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch.func import grad, grad_and_value, hessian, jvp, vjp
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from bilevel_ray import tree
+from bilevel_ray.precision import full_precision
 from bilevel_ray.problem import Batch
 from bilevel_ray.tree import PyTree
 
@@ -110,6 +114,7 @@ def grad_y(fn: Objective, x: PyTree, y: PyTree, batch: Batch) -> PyTree:
         return _autograd(fn(x, y, batch), y)
 
 
+@full_precision()
 def hvp(fn: Objective, x: PyTree, y: PyTree, v: PyTree, batch: Batch) -> PyTree:
     """``∇²_yy fn · v`` (reverse-over-reverse: the VJP of ``∇_y fn`` along ``y``)."""
     if not _eager(x, y, v):
@@ -120,6 +125,7 @@ def hvp(fn: Objective, x: PyTree, y: PyTree, v: PyTree, batch: Batch) -> PyTree:
         return _autograd(_grad_y_tracked(fn, x, y, batch), y, v)
 
 
+@full_precision()
 def cross(fn: Objective, x: PyTree, y: PyTree, v: PyTree, batch: Batch) -> PyTree:
     """``∇²_xy fn · v = ∇_x <∇_y fn, v>`` (the VJP of ``∇_y fn`` along ``x``), shaped like ``x``."""
     if not _eager(x, y, v):
@@ -130,6 +136,7 @@ def cross(fn: Objective, x: PyTree, y: PyTree, v: PyTree, batch: Batch) -> PyTre
         return _autograd(_grad_y_tracked(fn, x, y, batch), x, v)
 
 
+@full_precision()
 def fused_fwd(fn: Objective, x: PyTree, y: PyTree, v: PyTree, batch: Batch):
     """``(∇_y fn, ∇²_xy fn·v, ∇²_yy fn·v)`` from one forward-over-reverse pass: the joint Hessian
     applied to the direction ``(0, v)``."""
@@ -137,6 +144,7 @@ def fused_fwd(fn: Objective, x: PyTree, y: PyTree, v: PyTree, batch: Batch):
     return gy, jv, hv
 
 
+@full_precision()
 def fused_rev(fn: Objective, x: PyTree, y: PyTree, v: PyTree, batch: Batch):
     """``(∇_y fn, ∇²_xy fn·v, ∇²_yy fn·v)`` from one reverse-over-reverse pass (the VJP of ``∇_y fn``)."""
     if not _eager(x, y, v):
@@ -150,6 +158,7 @@ def fused_rev(fn: Objective, x: PyTree, y: PyTree, v: PyTree, batch: Batch):
     return tree.detach(gy), jv, hv
 
 
+@full_precision()
 def hessian_yy(fn: Objective, x: PyTree, y: PyTree, batch: Batch) -> torch.Tensor:
     """Dense ``∇²_yy fn`` as a ``(dim y, dim y)`` matrix over the flattened ``y``."""
     return hessian(lambda u: fn(x, tree.unflatten_like(u, y), batch))(tree.flatten(y))

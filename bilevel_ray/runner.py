@@ -99,7 +99,8 @@ def run(cfg: RunConfig, *, out_dir: Path | None = None, progress: bool | None = 
                 bar.update(t - bar.n)  # rate-limited redraw; a replay moves the bar back
 
             start = time.perf_counter()
-            backend = make_backend(task, algo, cfg.decentralized, seed=cfg.run.seed, device=cfg.run.device)
+            backend = make_backend(task, algo, cfg.decentralized, seed=cfg.run.seed, device=cfg.run.device,
+                                   dtype=cfg.run.dtype)
             task = backend.task  # on the run's device (the same object where that is the CPU)
             t, wall = restore_point(backend, payload) if payload is not None else (0, 0.0)
             sync_device()

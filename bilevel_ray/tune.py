@@ -198,7 +198,8 @@ def _trial(config: dict[str, Any], base: dict[str, Any], metric: str, mode: str)
     pg = ray.util.get_current_placement_group()
     start = time.perf_counter()
     backend = make_backend(cfg.task, cfg.algorithm, cfg.decentralized, seed=cfg.run.seed,
-                           placement_group=pg, first_bundle=1, device=cfg.run.device)
+                           placement_group=pg, first_bundle=1, device=cfg.run.device,
+                           dtype=cfg.run.dtype)
     try:
         t, wall, restored = 0, time.perf_counter() - start, -1
         saved = tune.get_checkpoint()

@@ -146,3 +146,48 @@ def test_ray_agents_get_their_gpu_share_and_compute_on_the_device_asked_for(ray_
         check_gpu_request("cpu", greedy.decentralized)
     with pytest.raises(ValueError, match=r"^run.device: cuda on Ray agents needs decentralized.gpus_per_agent > 0"):
         check_gpu_request("cuda", cfg.decentralized.__class__(agents=3, backend="ray"))
+
+
+def test_bfloat16_mixed_precision_keeps_second_order_products_and_the_hypergradient_close():
+    """``run.dtype: bfloat16``: the first-order oracles run the model under bfloat16 autocast (their
+    values move, within bfloat16's precision), HVPs and cross products are those of the task in float32
+    bit for bit, and the hypergradient ∇_x f − ∇²_xy g·[∇²_yy g]⁻¹∇_y f stays within 2% of float32's."""
+    from bilevel_ray import oracles
+    from bilevel_ray.linalg import cg
+    from bilevel_ray.precision import MixedPrecision, mixed_precision
+    from bilevel_ray.tasks import make_task
+    from bilevel_ray import tree
+
+    task = make_task("logreg_hpo", dataset="synthetic", n_samples=400, n_features=24, batch_size=None, dtype="float32")
+    assert mixed_precision(task, "float32", "cpu") is task
+    mixed = mixed_precision(task, "bfloat16", "cpu")
+    assert isinstance(mixed, MixedPrecision) and mixed.inner is task.inner
+    x, y = task.init(seed=0)
+    y = y + 0.3 * torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
+    bi, bo = task.inner.full(), task.outer.full()
+
+    def hypergradient(problem):
+        fx, fy = oracles.grad_xy(problem.f, x, y, bo)
+        v = cg(lambda u: oracles.hvp(problem.g, x, y, u, bi), fy, torch.zeros_like(fy), 50)
+        return fx - oracles.cross(problem.g, x, y, v, bi), fy
+
+    v = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(oracles.hvp(mixed.g, x, y, v, bi), oracles.hvp(task.g, x, y, v, bi))
+    assert torch.equal(oracles.fused(mixed.g, x, y, v, bi)[2], oracles.fused(task.g, x, y, v, bi)[2])
+    (h32, fy32), (h16, fy16) = hypergradient(task), hypergradient(mixed)
+    assert not torch.equal(fy16, fy32)  # bfloat16 really ran
+    assert h16.dtype == h32.dtype == torch.float32
+    assert float(tree.norm(h16 - h32)) <= 0.02 * float(tree.norm(h32)), (h16, h32)
+
+
+def test_a_bfloat16_run_follows_the_float32_run_closely(tmp_path):
+    f32 = _quadratic("cpu", agents=3, tmp_path=tmp_path / "f32")
+    f32["task"]["dtype"] = "float32"
+    full = run(from_dict(f32), progress=False)
+    cfg = _quadratic("cpu", agents=3, tmp_path=tmp_path / "bf16")
+    cfg["task"]["dtype"] = "float32"
+    cfg["run"]["dtype"] = "bfloat16"
+    half = run(from_dict(cfg), progress=False)  # autocast acts on float32 tasks (float64 ones stay as they are)
+    assert [r["step"] for r in half] == [r["step"] for r in full]
+    assert half[-1]["outer_objective"] != full[-1]["outer_objective"]
+    assert half[-1]["outer_objective"] == pytest.approx(full[-1]["outer_objective"], rel=0.05)

@@ -3,7 +3,9 @@
 Constant steps; one memory slot per minibatch index for each of the five oracle outputs
 (``∇_y g_i``, ``∇²_yy g_i·v``, ``∇²_xy g_i·v`` over inner indices, ``∇_y f_j``, ``∇_x f_j`` over outer
 indices). Direction ``φ_new − M[k] + mean(M)``. The memory is filled at ``init`` with one pass over
-both datasets. Converges at O(1/T), linearly when ``h`` is PL.
+both datasets (``memory: full``) or starts at zero (``memory: zero``, as the authors' benchmark code
+does: a slot then holds a real value from its first visit on, none from the starting point).
+Converges at O(1/T), linearly when ``h`` is PL.
 
 Memory tables are large (one copy of ``y`` or ``x`` per minibatch), so ``step`` updates them in place
 and they are *donated*: after ``step(s)``, ``s`` must not be stepped again (its means and iterates are
@@ -44,6 +46,11 @@ def _table(slots: list[PyTree], counts: tuple[int, ...] | None = None) -> SAGATa
     return SAGATable(memory, mean, c)
 
 
+def _zeros(like: PyTree, n: int) -> list[PyTree]:
+    """``n`` zero slots shaped as ``like``."""
+    return [tree.tree_map(torch.zeros_like, like)] * n
+
+
 def _saga(table: SAGATable, k: int | tuple[int, ...], new: PyTree) -> tuple[PyTree, SAGATable]:
     """SAGA direction for slot ``k`` (one per agent when stacked) and the updated table (memory
     written in place)."""
@@ -80,9 +87,12 @@ class SABA(Hyperparams):
 
     inner_lr: float = hp(0.1, low=0, doc="ρ, constant step of y and v")
     outer_lr: float = hp(0.01, low=0, doc="γ, constant step of x")
+    memory: str = hp("full", choices=("full", "zero"), doc="initial SAGA memory: one pass of oracle calls at the "
+                                                           "starting point (full) or zeros (zero)")
 
     def init(self, problem: BilevelProblem, x: PyTree, y: PyTree, *, seed: int = 0, rank: int = 0) -> SABAState:
-        """Initial state at ``(x, y)``, ``v = 0``, the tables filled with one pass over both datasets."""
+        """Initial state at ``(x, y)``, ``v = 0``, the tables filled with one pass over both
+        datasets or with zeros (``memory``)."""
         # simulated agents: one table per agent, sized by the largest shard
         ci = co = None
         if capability(problem, "stacked"):
@@ -94,9 +104,14 @@ class SABA(Hyperparams):
             raise ValueError("algorithm.name: saba needs finite datasets (samplers with num_batches)")
         x, y = tree.detach(x), tree.detach(y)
         v = tree.zeros_like(y)
-        inner = _table([oracles.fused(problem.g, x, y, v, problem.inner.batch(k)) for k in range(ni)], ci)
-        outer = _table([oracles.grad_xy(problem.f, x, y, problem.outer.batch(k)) for k in range(no)], co)
-        calls = Calls().add(grad_f=no, grad_g=ni, hvp=ni, jvp=ni)  # per agent (fillers included)
+        if self.memory == "zero":  # one call of each kind gives the shapes
+            inner = _table(_zeros(oracles.fused(problem.g, x, y, v, problem.inner.batch(0)), ni), ci)
+            outer = _table(_zeros(oracles.grad_xy(problem.f, x, y, problem.outer.batch(0)), no), co)
+            calls = Calls().add(grad_f=1, grad_g=1, hvp=1, jvp=1)
+        else:
+            inner = _table([oracles.fused(problem.g, x, y, v, problem.inner.batch(k)) for k in range(ni)], ci)
+            outer = _table([oracles.grad_xy(problem.f, x, y, problem.outer.batch(k)) for k in range(no)], co)
+            calls = Calls().add(grad_f=no, grad_g=ni, hvp=ni, jvp=ni)  # per agent (fillers included)
         return SABAState(x, y, v, inner, outer, 0, seed, rank, calls)
 
     def step(self, s: SABAState, problem: BilevelProblem, mix: Mix = identity_mix) -> SABAState:

@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_map
 from bilevel_ray import tree
 from bilevel_ray.decentralized.failures import AgentFailure
 from bilevel_ray.device import resolve_device, to_device
+from bilevel_ray.precision import mixed_precision
 from bilevel_ray.problem import bind, bind_at
 
 __all__ = ["AgentFailure", "SingleBackend", "make_backend", "driver_device", "check_gpu_request", "connect_ray", "average",
@@ -31,18 +32,19 @@ class SingleBackend:
 
     name = "single"
 
-    def __init__(self, algo: Any, task: Any, *, seed: int, device: torch.device | str = "cpu"):
+    def __init__(self, algo: Any, task: Any, *, seed: int, device: torch.device | str = "cpu", dtype: str = "float32"):
         self.device = torch.device(device)
         self.algo, self.task = algo, to_device(task, self.device)
+        self.problem = mixed_precision(self.task, dtype, self.device)  # what the steps see
         x, y = to_device(self.task.init(seed=seed), self.device)
-        self.state = algo.init(bind_at(self.task, x, y), x, y, seed=seed, rank=0)
+        self.state = algo.init(bind_at(self.problem, x, y), x, y, seed=seed, rank=0)
         self.bytes_last_round = 0
         self.gossip_last_round = self.latency_last_round = 0.0
 
     def step(self) -> None:
         """One outer step of the single agent."""
         start = time.perf_counter()
-        self.state = self.algo.step(self.state, bind(self.task, self.state))
+        self.state = self.algo.step(self.state, bind(self.problem, self.state))
         self.latency_last_round = time.perf_counter() - start
 
     def states(self) -> list[Any]:
@@ -86,12 +88,12 @@ def check_gpu_request(device: str, settings: Any) -> None:
 
 
 def make_backend(task: Any, algo: Any, settings: Any, *, seed: int, placement_group: Any = None,
-                 first_bundle: int = 0, device: str = "cpu") -> Any:
+                 first_bundle: int = 0, device: str = "cpu", dtype: str = "float32") -> Any:
     """The backend a config's ``decentralized`` section asks for (connecting to Ray if needed), computing
-    on ``device`` (``run.device``). ``placement_group`` / ``first_bundle``: Ray agents go into these
+    on ``device`` (``run.device``) in ``dtype`` (``run.dtype``). ``placement_group`` / ``first_bundle``: Ray agents go into these
     bundles of an existing group."""
     if settings.agents == 1 and settings.backend == "sim":
-        return SingleBackend(algo, task, seed=seed, device=driver_device(device, settings))
+        return SingleBackend(algo, task, seed=seed, device=driver_device(device, settings), dtype=dtype)
     from bilevel_ray.decentralized.data import make_agents
     from bilevel_ray.decentralized.gossip import TopologyMixing
 
@@ -101,7 +103,7 @@ def make_backend(task: Any, algo: Any, settings: Any, *, seed: int, placement_gr
     if settings.backend == "sim":
         from bilevel_ray.decentralized.sim import SimBackend
 
-        return SimBackend(algo, agents, schedule, seed=seed, device=driver_device(device, settings))
+        return SimBackend(algo, agents, schedule, seed=seed, device=driver_device(device, settings), dtype=dtype)
     from bilevel_ray.decentralized.ray_backend import RayBackend
 
     owned = connect_ray(settings.address, settings.agents)
@@ -110,7 +112,7 @@ def make_backend(task: Any, algo: Any, settings: Any, *, seed: int, placement_gr
         return RayBackend(algo, agents, schedule, seed=seed, strategy=settings.placement,
                           transport=settings.transport, owns_ray=owned, placement_group=placement_group,
                           first_bundle=first_bundle, gpus_per_agent=settings.gpus_per_agent, device=device,
-                          driver_device=driver_device(device, settings))
+                          dtype=dtype, driver_device=driver_device(device, settings))
     except BaseException:
         if owned:
             import ray

@@ -26,6 +26,7 @@ from bilevel_ray.device import resolve_device, to_device
 from bilevel_ray.decentralized.failures import AgentFailure, AgentRestarted
 from bilevel_ray.decentralized.data import AgentProblem
 from bilevel_ray.decentralized.transport import RoundAborted, Transport, shm_dir
+from bilevel_ray.precision import mixed_precision
 from bilevel_ray.problem import bind, bind_at
 from bilevel_ray.runtime import prepare_process
 from bilevel_ray.tree import PyTree
@@ -37,10 +38,10 @@ class AgentWorker:
     """The body of one agent actor (a thin shell: the algorithm step does the work)."""
 
     def __init__(self, rank: int, n: int, seed: int, *, name: str, transport: str = "auto", torch_threads: int = 1,
-                 device: str = "cpu"):
+                 device: str = "cpu", dtype: str = "float32"):
         prepare_process(torch_threads)
         self.rank, self.n, self.seed = rank, n, seed
-        self.device_spec = device
+        self.device_spec, self.dtype = device, dtype
         self.algo: Any = None
         self.transport = Transport(name, rank, transport)
         self.gossip_round, self.gossip_seconds = 0, 0.0
@@ -55,7 +56,7 @@ class AgentWorker:
         # the device this actor sees (its share of a GPU is cuda:0 here); the problem arrives on the CPU
         self.device = resolve_device(self.device_spec)
         algo, problem, self.mixing_at = ray.get(parts)
-        self.problem = to_device(problem, self.device)
+        self.problem = mixed_precision(to_device(problem, self.device), self.dtype, self.device)
         x, y = to_device(self.problem.init(seed=self.seed), self.device)
         self.algo = algo
         self.state = self.algo.init(bind_at(self.problem, x, y, rank=self.rank), x, y, seed=self.seed, rank=self.rank)
@@ -157,11 +158,11 @@ class RayBackend:
                  seed: int, strategy: str = "SPREAD", cpus_per_agent: float = 1.0, max_restarts: int = 3,
                  name: str | None = None, transport: str = "auto", owns_ray: bool = False,
                  placement_group: Any = None, first_bundle: int = 0, gpus_per_agent: float = 0.0,
-                 device: str = "cpu", driver_device: torch.device | str = "cpu"):
+                 device: str = "cpu", dtype: str = "float32", driver_device: torch.device | str = "cpu"):
         """``placement_group``: place agent ``i`` in bundle ``first_bundle + i`` of this existing group
         (a Tune trial's, see :mod:`bilevel_ray.tune`) instead of creating one with ``strategy``.
         ``gpus_per_agent``: the GPU share each agent asks Ray for (fractional: agents share a GPU);
-        ``device``: the ``run.device`` each agent resolves in its actor; ``driver_device``: where
+        ``device``: the ``run.device`` each agent resolves in its actor; ``dtype``: ``run.dtype``; ``driver_device``: where
         :meth:`states` puts the agents' states for the driver."""
         import ray
         import ray.util
@@ -189,7 +190,8 @@ class RayBackend:
             actor_cls.options(num_cpus=cpus_per_agent, num_gpus=gpus_per_agent, max_concurrency=4, max_restarts=max_restarts,
                               name=f"{self.name}-agent-{i}", scheduling_strategy=
                               PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=first_bundle + i)
-                              ).remote(i, self.n, seed, name=self.name, transport=transport, device=device)
+                              ).remote(i, self.n, seed, name=self.name, transport=transport, device=device,
+                                       dtype=dtype)
             for i in range(self.n)]
         self._rewire()
         self.owns_ray = owns_ray  # close() also shuts down the Ray session this run started

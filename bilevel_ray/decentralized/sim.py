@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from bilevel_ray.decentralized.data import AgentProblem, StackedProblem, stack, unstack
 from bilevel_ray.device import to_device
+from bilevel_ray.precision import mixed_precision
 from bilevel_ray.problem import bind, bind_at
 from bilevel_ray.tree import PyTree
 
@@ -59,14 +60,14 @@ class SimBackend:
     name = "sim"
 
     def __init__(self, algo: Any, agents: list[AgentProblem], mixing_at: Callable[[int], np.ndarray], *,
-                 seed: int, device: torch.device | str = "cpu"):
+                 seed: int, device: torch.device | str = "cpu", dtype: str = "float32"):
         why = refusal(algo) if len(agents) > 1 else None
         if why:
             raise ValueError(why)
         self.algo, self.n = algo, len(agents)
         self.device = torch.device(device)
         agents = to_device(list(agents), self.device)  # the task's data moved once, shared by every agent
-        self.problem = StackedProblem(agents)
+        self.problem = mixed_precision(StackedProblem(agents), dtype, self.device)
         self.task = getattr(agents[0], "task", agents[0])  # the driver's view (metrics, learner)
         self.mixing_at = mixing_at
         x, y = to_device(self.problem.init(seed=seed), self.device)
