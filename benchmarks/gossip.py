@@ -82,11 +82,13 @@ def agent_vector(rank: int, d: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 class RayGossip:
-    """``n`` agents of a ``RayBackend`` running :class:`GossipOnly` over one transport."""
+    """``n`` agents of a ``RayBackend`` running :class:`GossipOnly` over one transport (each agent with
+    ``gpus`` of a GPU and its vector on ``device``: ``cuda`` with ``gpus = 1/n`` shares one GPU)."""
 
-    def __init__(self, n: int, transport: str):
+    def __init__(self, n: int, transport: str, gpus: float = 0.0, device: str = "cpu"):
         self.n, self.mixing, self.transport = n, TopologyMixing("ring", n), transport
-        self.backend = RayBackend(GossipOnly(), [NoData()] * n, self.mixing, seed=0, transport=transport)
+        self.backend = RayBackend(GossipOnly(), [NoData()] * n, self.mixing, seed=0, transport=transport,
+                                  gpus_per_agent=gpus, device=device)
         self.d = self.rounds = None
 
     def set(self, d: int, dtype: torch.dtype, rounds: int) -> None:

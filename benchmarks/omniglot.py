@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 from bilevel_ray.config import load_config
 from bilevel_ray.decentralized.backends import average, make_backend
+from bilevel_ray.device import to_device
 from bilevel_ray.meta import evaluate
 from bilevel_ray.tasks.vision.l2l import import_learn2learn
 from bilevel_ray.meta.learners import meta_loss_and_grad
@@ -122,15 +123,18 @@ def train_episodic(kind: str, pool: ClassPool, width: int, budget_s: float) -> t
     return learner, learner.hyper["steps_trained"]
 
 
-def maml_speed(pool: ClassPool, width: int, batch: int, queries: int, iters: int) -> dict[str, float]:
+def maml_speed(pool: ClassPool, width: int, batch: int, queries: int, iters: int,
+               device: torch.device | str = "cpu") -> dict[str, float]:
     """Meta-iterations per second of our MAML (grouped and vmapped batching) and of learn2learn's ``MAML``
-    on identical 5-way 1-shot meta-batches, after checking that all three give the same meta-gradient
-    (``diff``: the largest absolute difference to learn2learn's)."""
+    on identical 5-way 1-shot meta-batches on ``device``, after checking that all three give the same
+    meta-gradient (``diff``: the largest absolute difference to learn2learn's)."""
     l2l = import_learn2learn()
+    device = torch.device(device)
     sampler = EpisodeSampler(pool, 5, 1, queries, meta_batch=batch)
-    episodes = [sampler.episodes(np.random.default_rng([1, i])) for i in range(iters + 1)]
+    episodes = to_device([sampler.episodes(np.random.default_rng([1, i])) for i in range(iters + 1)], device)
     net = ConvNet(init_backbone(width=width, seed=0), ways=5)
     torch.nn.init.normal_(net.head.weight, std=0.01)
+    net = net.to(device)
 
     def ours(batching):  # each method trains its own copy of the same starting point
         hyper = {"steps": 1, "lr": 0.4, "batching": batching}
@@ -164,12 +168,20 @@ def maml_speed(pool: ClassPool, width: int, batch: int, queries: int, iters: int
         steps[name], out[name] = step, 0.0
     for ep in episodes[1:]:  # interleaved, so that a slow spell of a shared machine hits all alike
         for name, step in steps.items():
+            sync(device)
             start = time.perf_counter()
             step(ep)
+            sync(device)
             out[name] += time.perf_counter() - start
     for name in steps:
         out[name] = iters / out[name]
     return out
+
+
+def sync(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA kernels run asynchronously), so that timings are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def speed_test(pool: ClassPool, iters: int, settings: tuple[tuple[int, int, int], ...] = SPEED_SETTINGS) -> None:

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves, tree_map
 
 from bilevel_ray import algorithms, oracles
+from bilevel_ray.device import resolve_device, to_device
 from bilevel_ray.problem import FiniteSampler, check_problem
 from bilevel_ray.runtime import prepare_process
 
@@ -137,21 +138,32 @@ def func_only(op: Callable[[], Any]) -> Callable[[], Any]:
 
 
 # -- timing ------------------------------------------------------------------------------------------
-def bench(ops: dict[str, Callable[[], Any]], repeats: int, min_block: float) -> dict[str, list[float]]:
+def sync(device: torch.device) -> None:
+    """Wait for the queued work of ``device`` (CUDA kernels run asynchronously), so that timings are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(ops: dict[str, Callable[[], Any]], repeats: int, min_block: float,
+          device: torch.device = torch.device("cpu")) -> dict[str, list[float]]:
     """Seconds per call of each op, one entry per repeat; ops are interleaved within each repeat."""
     calls = {}
     for name, op in ops.items():
         for _ in range(3):
             op()
+        sync(device)
         t0 = time.perf_counter()
         op()
+        sync(device)
         calls[name] = max(1, math.ceil(min_block / max(time.perf_counter() - t0, 1e-6)))
     times: dict[str, list[float]] = {name: [] for name in ops}
     for _ in range(repeats):
         for name, op in ops.items():
+            sync(device)
             t0 = time.perf_counter()
             for _ in range(calls[name]):
                 op()
+            sync(device)
             times[name].append((time.perf_counter() - t0) / calls[name])
     return times
 
@@ -165,6 +177,9 @@ def conv_problem() -> tuple[Any, Any]:
 
 
 def run_problem(mode: str, args: argparse.Namespace) -> dict[str, float]:
+    """Time every operation on problem ``mode`` on ``args.device`` (default the CPU); print the table and
+    return each operation's median time relative to ``grad_xy``."""
+    device = resolve_device(getattr(args, "device", "cpu"))
     if mode == "conv":
         problem, batch = conv_problem()
         batch_label = f"{problem.meta_batch} × {problem.ways}"
@@ -172,9 +187,10 @@ def run_problem(mode: str, args: argparse.Namespace) -> dict[str, float]:
         problem = MLPBilevel.create(mode, args.batch)
         batch, batch_label = problem.inner.batch(0), str(args.batch)
     check_problem(problem)
-    x, y = problem.init(seed=0)
+    problem, batch = to_device((problem, batch), device)
+    x, y = to_device(problem.init(seed=0), device)
     gen = torch.Generator().manual_seed(1)
-    v = tree_map(lambda t: torch.randn(t.shape, generator=gen), y)
+    v = tree_map(lambda t: torch.randn(t.shape, generator=gen).to(device), y)
     g = problem.g
     # consistency of the two fused variants with the separate products, and of the torch.func path
     ref = (oracles.grad_y(g, x, y, batch), oracles.cross(g, x, y, v, batch), oracles.hvp(g, x, y, v, batch))
@@ -226,11 +242,11 @@ def run_problem(mode: str, args: argparse.Namespace) -> dict[str, float]:
         "torch.func hvp*": func_only(lambda: oracles.hvp(g, x, y, v, batch)),
         "torch.func fused_rev*": func_only(lambda: oracles.fused_rev(g, x, y, v, batch)),
     }
-    times = bench(ops, args.repeats, args.min_block)
+    times = bench(ops, args.repeats, args.min_block, device)
     base = times["grad_xy"]
     dims = sum(t.numel() for t in tree_leaves(x)), sum(t.numel() for t in tree_leaves(y))
     print(f"\n[{mode}] dim x = {dims[0]:,}, dim y = {dims[1]:,}, batch {batch_label}, "
-          f"oracles.fused = {lib_name}, {args.repeats} repeats")
+          f"oracles.fused = {lib_name}, {args.repeats} repeats, {device}")
     print(f"{'operation':26}{'median ms':>10}{'min ms':>9}{'/ grad_xy':>11}{'goal':>7}")
     ratios = {}
     for name, ts in times.items():
@@ -304,6 +320,7 @@ def main() -> None:
     parser.add_argument("--min-block", type=float, default=0.2, help="seconds per timed block")
     parser.add_argument("--problems", nargs="+", default=["repr", "wd", "conv"], choices=["repr", "wd", "conv"])
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--device", default="cpu", help="where the problems live (cpu, cuda, cuda:N)")
     parser.add_argument("--smoke", action="store_true",
                         help="smoke run (seconds): MLP batch 16, 1 repeat of 5 ms blocks (times and ratios meaningless)")
     args = parser.parse_args()
@@ -311,7 +328,7 @@ def main() -> None:
         args.batch, args.repeats, args.min_block = 16, 1, 0.005
     warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)  # torch.func jvp
     prepare_process(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), float32, CPU")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), float32, {args.device}")
     results = {mode: run_problem(mode, args) for mode in args.problems}
     print("\nsummary (median over repeats of op time / grad_xy time in the same repeat)")
     print(f"{'problem':9}{'hvp':>7}{'soba':>7}{'fused_fwd':>11}{'fused_rev':>11}   torch.func / library: "

@@ -14,6 +14,7 @@ import copy
 import dataclasses
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = ["DEVICES", "check_device", "resolve_device", "to_device", "device_of"]
@@ -69,8 +70,8 @@ def _move(obj: Any, device: torch.device, memo: dict[int, Any]) -> Any:
         return memo[key]
     if isinstance(obj, torch.Tensor):
         out = obj if obj.device == device else obj.to(device)
-    elif isinstance(obj, (str, bytes, int, float, bool, type(None), torch.device, torch.dtype)):
-        return obj
+    elif isinstance(obj, (str, bytes, int, float, bool, type(None), torch.device, torch.dtype, np.ndarray, np.generic)):
+        return obj  # numpy arrays (index tables, sampler state) stay in host memory
     elif hasattr(obj, "to_device") and not isinstance(obj, type):
         out = obj.to_device(device)
     elif isinstance(obj, tuple):

@@ -191,3 +191,17 @@ def test_a_bfloat16_run_follows_the_float32_run_closely(tmp_path):
     assert [r["step"] for r in half] == [r["step"] for r in full]
     assert half[-1]["outer_objective"] != full[-1]["outer_objective"]
     assert half[-1]["outer_objective"] == pytest.approx(full[-1]["outer_objective"], rel=0.05)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_the_gpu_benchmark_refuses_in_one_line_without_a_gpu():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "benchmarks/gpu.py", "--sections", "oracles"], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == ["gpu.py: run.device: cuda asked for, but this process sees no CUDA "
+                                                "device (torch.cuda.is_available() is False); use auto or cpu"]

@@ -22,6 +22,7 @@ import torch
 from bilevel_ray import oracles, tree
 from bilevel_ray.params import hp
 from bilevel_ray.algorithms.base import Calls, Hyperparams, Mix, identity_mix, register
+from bilevel_ray.device import device_of
 from bilevel_ray.problem import BilevelProblem, capability, rng_for
 from bilevel_ray.tree import PyTree
 
@@ -39,8 +40,9 @@ def _table(slots: list[PyTree], counts: tuple[int, ...] | None = None) -> SAGATa
     memory = tree.tree_map(lambda *ls: torch.stack(ls), *slots)
     if counts is None:
         return SAGATable(memory, tree.tree_map(lambda m: m.mean(0), memory))
-    c = torch.tensor(counts)
-    live = torch.arange(len(slots)).unsqueeze(1) < c  # (slots, agents): the fillers past an agent's count
+    device = device_of(slots[0])
+    c = torch.tensor(counts, device=device)
+    live = torch.arange(len(slots), device=device).unsqueeze(1) < c  # (slots, agents): fillers past an agent's count
     mean = tree.tree_map(lambda m: (m * live.reshape(*live.shape, *[1] * (m.ndim - 2))).sum(0)
                          / c.reshape(-1, *[1] * (m.ndim - 2)).to(m.dtype), memory)
     return SAGATable(memory, mean, c)

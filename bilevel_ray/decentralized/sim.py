@@ -49,7 +49,7 @@ class MatrixMix:
         """``W X`` for every leaf, counting the bytes and seconds a real gossip would take."""
         start = time.perf_counter()
         self.bytes += self.edges * sum(t[0].numel() * t.element_size() for t in _leaves(tree))
-        out = tree_map(lambda t: torch.tensordot(self.w.to(t.dtype), t, dims=1), tree)
+        out = tree_map(lambda t: torch.tensordot(self.w.to(t.device, t.dtype), t, dims=1), tree)
         self.seconds += time.perf_counter() - start
         return out
 
