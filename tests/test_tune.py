@@ -41,11 +41,14 @@ def write(tmp_path, name="sweep", tune=None, **sections):
 
 
 def trials_of(folder):
-    """Every trial's reported rows (Tune's own progress.csv files)."""
+    """Every trial's reported rows (Tune's own progress.csv files), complete lines only: a file Tune is
+    writing may end in a partial line, its header included."""
     out = {}
     for progress in Path(folder).glob("*/progress.csv"):
-        with open(progress, newline="") as fh:
-            out[progress.parent.name] = list(csv.DictReader(fh))
+        text = progress.read_text()
+        lines = text[:text.rfind("\n") + 1].splitlines()
+        rows = list(csv.DictReader(lines))
+        out[progress.parent.name] = rows if lines and "step" in lines[0].split(",") else []
     return out
 
 
