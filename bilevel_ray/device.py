@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-__all__ = ["DEVICES", "check_device", "resolve_device", "to_device", "device_of"]
+__all__ = ["DEVICES", "check_device", "resolve_device", "to_device", "device_of", "dtype_of"]
 
 #: what ``run.device`` accepts (``cuda:N`` with any N too)
 DEVICES = ("auto", "cpu", "cuda")
@@ -49,10 +49,18 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device("cuda", index)
 
 
+def _tensors(tree: Any) -> Iterator[torch.Tensor]:
+    return (t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor))
+
+
 def device_of(tree: Any) -> torch.device:
     """The device of the first tensor in ``tree`` (CPU if it holds none)."""
-    leaves = torch.utils._pytree.tree_leaves(tree)
-    return next((t.device for t in leaves if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    return next((t.device for t in _tensors(tree)), torch.device("cpu"))
+
+
+def dtype_of(tree: Any) -> torch.dtype:
+    """The dtype of the first floating-point tensor in ``tree`` (float32 if it holds none)."""
+    return next((t.dtype for t in _tensors(tree) if t.is_floating_point()), torch.float32)
 
 
 def to_device(obj: Any, device: torch.device | str) -> Any:

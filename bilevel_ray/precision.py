@@ -17,6 +17,8 @@ from typing import Any, Iterator
 
 import torch
 
+from bilevel_ray.device import dtype_of
+
 __all__ = ["DTYPES", "MixedPrecision", "mixed_precision", "full_precision", "in_full_precision"]
 
 #: what ``run.dtype`` accepts: float32 (no autocast: the task's own dtype throughout) or bfloat16
@@ -54,7 +56,7 @@ class MixedPrecision:
             return fn(x, y, batch)
         with torch.autocast(self.device_type, dtype=torch.bfloat16):
             out = fn(x, y, batch)
-        return out.to(_dtype_of(x))
+        return out.to(dtype_of(x))
 
     def f(self, x: Any, y: Any, batch: Any) -> torch.Tensor:
         """The problem's ``f``, under autocast outside :func:`full_precision`."""
@@ -78,8 +80,3 @@ def mixed_precision(problem: Any, dtype: str, device: torch.device | str) -> Any
     if dtype not in DTYPES:
         raise ValueError(f"run.dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
     return problem if dtype == "float32" else MixedPrecision(problem, torch.device(device).type)
-
-
-def _dtype_of(tree: Any) -> torch.dtype:
-    leaves = torch.utils._pytree.tree_leaves(tree)
-    return next((t.dtype for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()), torch.float32)

@@ -167,7 +167,9 @@ class BilevelProblem(Protocol):
     batch)``, a scalar distance between upper iterates that the algorithms' trust region (``max_kl``)
     bounds; ``stacked``, True when the problem holds several agents on a leading axis (the simulation's
     stacked problem: algorithms then reduce per agent); ``at(x, y, *, step, rank)``, an on-policy
-    problem's samplers bound to an iterate (see :func:`bind`).
+    problem's samplers bound to an iterate (see :func:`bind`); ``timings`` and ``counts``, mappings the
+    task adds to as it works (seconds per phase of its data, e.g. rollouts; quantities such as
+    environment steps), which the Ray backend reports per round and sums into the driver's task.
     """
 
     inner: Sampler
@@ -184,7 +186,7 @@ class BilevelProblem(Protocol):
 
 
 #: optional capabilities of a problem and the value a problem without them has (see BilevelProblem)
-OPTIONAL: dict[str, Any] = {"divergence": None, "stacked": False, "at": None}
+OPTIONAL: dict[str, Any] = {"divergence": None, "stacked": False, "at": None, "timings": None, "counts": None}
 
 
 def capability(problem: Any, name: str) -> Any:

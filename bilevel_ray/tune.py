@@ -173,10 +173,11 @@ def trial_resources(decentralized: Any, gpus_per_trial: float = 0.0) -> Any:
     agents are Ray actors (a CPU and ``decentralized.gpus_per_agent``)."""
     from ray.tune import PlacementGroupFactory
 
-    bundles = [{"CPU": 1.0, **({"GPU": gpus_per_trial} if gpus_per_trial else {})}]
+    from bilevel_ray.decentralized.ray_backend import bundle
+
+    bundles = [bundle(1.0, gpus_per_trial)]
     if decentralized.backend == "ray":
-        share = decentralized.gpus_per_agent
-        bundles += [{"CPU": 1.0, **({"GPU": share} if share else {})}] * decentralized.agents
+        bundles += [bundle(1.0, decentralized.gpus_per_agent)] * decentralized.agents
     strategy = "PACK" if len(bundles) == 1 else decentralized.placement
     return PlacementGroupFactory(bundles, strategy=strategy)
 

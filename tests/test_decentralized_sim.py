@@ -7,7 +7,7 @@ import torch
 from bilevel_ray import algorithms as A
 from bilevel_ray.decentralized.data import make_agents, split_indices
 from bilevel_ray.decentralized.gossip import TopologyMixing
-from bilevel_ray.decentralized.sim import SimBackend
+from bilevel_ray.decentralized.sim import MatrixMix, SimBackend
 from bilevel_ray.tasks import make_task
 
 DSBO = dict(outer_lr=0.5, inner_lr=0.3, linear_lr=0.3, inner_steps=2, linear_steps=2, tau=0.5)
@@ -85,6 +85,33 @@ def test_gossip_brings_agents_to_consensus():
     assert spread < 1e-3 * float((xs.mean(0) ** 2).sum())
     # per round: y and z gossiped twice (dim 4), s and x once (dim 3), over 12 directed ring edges
     assert sim.bytes_last_round == 12 * (2 * 4 + 2 * 4 + 3 + 3) * 8
+
+
+def test_matrix_mix_is_w_times_every_leaf_with_w_placed_once_per_dtype():
+    w = TopologyMixing("ring", 4)(0)
+    g = torch.Generator().manual_seed(0)
+    tree = {"a": torch.randn(4, 3, generator=g, dtype=torch.float64),
+            "b": torch.randn(4, 2, 5, generator=g, dtype=torch.float64), "c": torch.randn(4, 2, generator=g)}
+    mix = MatrixMix(w)
+    for _ in range(2):
+        out = mix(tree)
+    for key, leaf in tree.items():
+        dense = torch.tensor(w, dtype=leaf.dtype) @ leaf.reshape(4, -1)
+        torch.testing.assert_close(out[key], dense.reshape(leaf.shape))
+    assert len(mix._placed) == 2  # float64 and float32, not one copy per leaf and call
+    assert mix.bytes == 2 * 8 * (3 * 8 + 10 * 8 + 2 * 4)  # two calls over 8 directed ring edges
+
+
+def test_a_time_varying_schedule_mixes_each_round_with_that_rounds_w():
+    task = make_task("quadratic", dim_x=3, dim_y=4, n_inner=128, n_outer=128, batch_size=16)
+    algo, schedule = A.make("dsbo", **DSBO), TopologyMixing("one_peer_exponential", 8)
+    sim = SimBackend(algo, make_agents(task, 8), schedule, seed=0)
+    by_hand = SimBackend(algo, make_agents(task, 8), schedule, seed=0)
+    for _ in range(7):  # two periods of 3 matrices and one more round
+        sim.step()
+        by_hand.state = algo.step(by_hand.state, by_hand.problem, MatrixMix(schedule(by_hand.state.t)))
+    torch.testing.assert_close(sim.state.x, by_hand.state.x, rtol=0, atol=0)
+    torch.testing.assert_close(sim.state.y, by_hand.state.y, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", ["dsbo", "dsbo_gt", "d_soba"])

@@ -16,8 +16,8 @@ from torch.utils._pytree import tree_map
 from bilevel_ray import tree
 from bilevel_ray.decentralized.failures import AgentFailure
 from bilevel_ray.device import resolve_device, to_device
-from bilevel_ray.precision import mixed_precision
-from bilevel_ray.problem import bind, bind_at
+from bilevel_ray.decentralized.placement import start
+from bilevel_ray.problem import bind
 
 __all__ = ["AgentFailure", "SingleBackend", "make_backend", "driver_device", "check_gpu_request", "connect_ray", "average",
            "consensus_error"]
@@ -35,9 +35,7 @@ class SingleBackend:
     def __init__(self, algo: Any, task: Any, *, seed: int, device: torch.device | str = "cpu", dtype: str = "float32"):
         self.device = torch.device(device)
         self.algo, self.task = algo, to_device(task, self.device)
-        self.problem = mixed_precision(self.task, dtype, self.device)  # what the steps see
-        x, y = to_device(self.task.init(seed=seed), self.device)
-        self.state = algo.init(bind_at(self.problem, x, y), x, y, seed=seed, rank=0)
+        self.problem, self.state = start(algo, self.task, seed=seed, rank=0, device=self.device, dtype=dtype)
         self.bytes_last_round = 0
         self.gossip_last_round = self.latency_last_round = 0.0
 

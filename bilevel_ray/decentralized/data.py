@@ -77,8 +77,8 @@ class AgentProblem:
     def __getattr__(self, name: str) -> Any:
         if name == "at" and capability(self.task, "at") is not None:  # on-policy tasks, on this agent's shares
             return lambda x, y, *, step, rank: self.task.at(x, y, step=step, rank=rank, inner=self.inner, outer=self.outer)
-        if name == "divergence" and capability(self.task, "divergence") is not None:  # trust regions
-            return self.task.divergence
+        if name in ("divergence", "timings", "counts") and capability(self.task, name) is not None:
+            return getattr(self.task, name)  # the trust region's distance; what the task measures
         raise AttributeError(name)
 
 

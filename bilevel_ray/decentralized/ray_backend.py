@@ -26,12 +26,25 @@ from bilevel_ray.device import resolve_device, to_device
 from bilevel_ray.decentralized.failures import AgentFailure, AgentRestarted
 from bilevel_ray.decentralized.data import AgentProblem
 from bilevel_ray.decentralized.transport import RoundAborted, Transport, shm_dir
-from bilevel_ray.precision import mixed_precision
-from bilevel_ray.problem import bind, bind_at
+from bilevel_ray.decentralized.placement import start
+from bilevel_ray.problem import bind, capability
 from bilevel_ray.runtime import prepare_process
 from bilevel_ray.tree import PyTree
 
-__all__ = ["RayBackend", "AgentWorker"]
+__all__ = ["RayBackend", "AgentWorker", "bundle"]
+
+
+def bundle(cpus: float, gpus: float) -> dict[str, float]:
+    """A placement-group bundle of ``cpus`` CPUs and ``gpus`` of a GPU (no ``GPU`` key when 0, so that
+    the bundle fits nodes without one)."""
+    return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+
+
+def _measured(problem: Any, name: str) -> Any:
+    """The task's ``timings`` (seconds per phase, e.g. rollouts) or ``counts`` (e.g. environment steps),
+    which it adds to as it works; an empty mapping for a task without them."""
+    value = capability(problem, name)
+    return {} if value is None else value
 
 
 class AgentWorker:
@@ -56,10 +69,9 @@ class AgentWorker:
         # the device this actor sees (its share of a GPU is cuda:0 here); the problem arrives on the CPU
         self.device = resolve_device(self.device_spec)
         algo, problem, self.mixing_at = ray.get(parts)
-        self.problem = mixed_precision(to_device(problem, self.device), self.dtype, self.device)
-        x, y = to_device(self.problem.init(seed=self.seed), self.device)
+        self.problem, self.state = start(algo, to_device(problem, self.device), seed=self.seed, rank=self.rank,
+                                         device=self.device, dtype=self.dtype)
         self.algo = algo
-        self.state = self.algo.init(bind_at(self.problem, x, y, rank=self.rank), x, y, seed=self.seed, rank=self.rank)
 
     def placement(self) -> dict[str, Any]:
         """Where this agent computes: its device, the GPU ids Ray assigned it and ``CUDA_VISIBLE_DEVICES``."""
@@ -122,9 +134,7 @@ class AgentWorker:
         self._check_setup()
         tr = self.transport
         start, sent, shared = time.perf_counter(), tr.bytes_sent, tr.bytes_shared
-        task = getattr(self.problem, "task", self.problem)
-        timings = getattr(task, "timings", {})  # a task's phases, if any
-        counts = getattr(task, "counts", {})  # and what it counts (e.g. environment steps)
+        timings, counts = _measured(self.problem, "timings"), _measured(self.problem, "counts")
         before, counted = dict(timings), dict(counts)
         self.gossip_seconds = 0.0
         w = np.asarray(self.mixing_at(self.state.t), dtype=np.float64)
@@ -176,8 +186,8 @@ class RayBackend:
         # ``counts``, e.g. environment steps) add up in it, as they do where the agents run in this process
         self.task = to_device(getattr(agents[0], "task", agents[0]), self.driver_device)
         self.owns_pg = placement_group is None
-        bundle = {"CPU": cpus_per_agent, **({"GPU": gpus_per_agent} if gpus_per_agent else {})}
-        self.pg = placement_group or ray.util.placement_group([bundle] * self.n, strategy=strategy)
+        self.pg = placement_group or ray.util.placement_group([bundle(cpus_per_agent, gpus_per_agent)] * self.n,
+                                                              strategy=strategy)
         ray.get(self.pg.ready(), timeout=120)
         actor_cls = ray.remote(AgentWorker)
         self.name = name or f"bilevel-ray-{uuid.uuid4().hex[:8]}"
@@ -238,7 +248,7 @@ class RayBackend:
         self.gossip_last_round = sum(r["gossip"] for r in reports) / len(reports)
         self.phases_last_round = {k: sum(r["phases"].get(k, 0.0) for r in reports) / len(reports)
                                   for k in reports[0]["phases"]}
-        counts = getattr(self.task, "counts", None)
+        counts = capability(self.task, "counts")
         if counts is not None:
             for r in reports:
                 counts.update(r["counts"])
