@@ -5,7 +5,9 @@ reproduced by that command too). The benchmark runs it through the same runner, 
 meta-policy (agents averaged) to ``--tasks`` fresh tasks with MAML's test-time adaptation (policy-gradient
 steps of the config's ``adapt_lr``, fresh episodes each step) and reports the mean return before and
 after 1, 2 and 3 steps with 95% intervals over the tasks, the meta-training wall time and environment
-steps, and where a meta-step's time goes. A method that diverges keeps its last finite checkpoint, is
+steps, and where a meta-step's time goes. The config's untrained meta-policy is adapted on the same tasks,
+so that two gains come paired over tasks: after one step, over the untrained policy (``gain``) and over
+the trained one before adapting (``adapt_gain``). A method that diverges keeps its last finite checkpoint, is
 evaluated there and is reported as diverged at its step; the benchmark goes on with the others.
 
 Results are merged into ``docs/results/meta_rl.json`` (one entry per environment and method) and drawn
@@ -15,6 +17,7 @@ with the table into ``docs/results/meta_rl.md`` and ``meta_rl.png``:
     .venv/bin/python benchmarks/meta_rl.py --smoke      # smoke run: 2 meta-steps per method on tiny tasks, seconds
     .venv/bin/python benchmarks/meta_rl.py --speed-only # environment steps per second, in-process vs Ray
     .venv/bin/python benchmarks/meta_rl.py --profile 10 # where a meta-step's time goes, per method
+    .venv/bin/python benchmarks/meta_rl.py --envs nav --methods soba --eval-only  # evaluate saved learners again
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ def train(env: str, method: str, args: argparse.Namespace) -> dict:
     task = cfg.task
     task.timings.clear()
     task.counts.clear()
+    initial = task.learner(*task.init(seed=args.seed))  # the untrained meta-policy every gain is measured from
     diverged = None
     try:
         rows = run(cfg, out_dir=out, progress=False)
@@ -92,7 +96,23 @@ def train(env: str, method: str, args: argparse.Namespace) -> dict:
             "minutes": last["wall_time"] / 60, "env_steps": int(task.counts["env_steps"]),
             "diverged_at": diverged, "time_split": split,
             "curve": [[r["step"], r["wall_time"] / 60, r["pre_return"], r["post_return"]] for r in rows],
-            "policy": policy}
+            "policy": policy, "initial_policy": initial}
+
+
+def trained(env: str, method: str, args: argparse.Namespace) -> dict | None:
+    """``--eval-only``: the learner a previous run of ``(env, method)`` saved under ``--out``, and its
+    config's untrained meta-policy (None where no run saved one); the run's other figures stay as the
+    results file has them."""
+    from bilevel_ray.config import load_config
+    from bilevel_ray.rl.metapolicy import load_meta_policy
+
+    cfg = load_config(ROOT / CONFIGS[env, method], [f"run.seed={args.seed}", *(SMOKE if args.smoke else []), *args.set])
+    path = Path(args.out) / f"{env}_{method}" / "learner.pt"
+    if not path.exists():
+        print(f"{env} {method}: no learner at {path}, skipped (train it first, or set --out)", flush=True)
+        return None
+    return {"env": env, "method": method, "policy": load_meta_policy(path),
+            "initial_policy": cfg.task.learner(*cfg.task.init(seed=args.seed))}
 
 
 def evaluate(entry: dict, args: argparse.Namespace) -> dict:
@@ -100,10 +120,16 @@ def evaluate(entry: dict, args: argparse.Namespace) -> dict:
     from bilevel_ray.meta.fewshot import mean_ci95
 
     n, episodes = (4, 2) if args.smoke else (args.tasks, args.episodes)
-    returns = entry["policy"].evaluate(tasks=n, episodes=episodes, adapt_steps=args.adapt_steps, seed=args.seed + 1)
+    returns, initial = (entry[p].evaluate(tasks=n, episodes=episodes, adapt_steps=args.adapt_steps,
+                                          seed=args.seed + 1).numpy() for p in ("policy", "initial_policy"))
     for k in range(returns.shape[0]):
         key = "before" if k == 0 else f"after{k}"
-        entry[key], entry[key + "_ci95"] = (float(v) for v in mean_ci95(returns[k].numpy()))
+        entry[key], entry[key + "_ci95"] = mean_ci95(returns[k])
+        entry["initial_" + key], entry["initial_" + key + "_ci95"] = mean_ci95(initial[k])
+    # paired over the same fresh tasks: after one adaptation step, the trained meta-policy against the
+    # untrained one adapted alike (gain), and against itself before adapting (adapt_gain)
+    entry["gain"], entry["gain_ci95"] = mean_ci95(returns[1] - initial[1])
+    entry["adapt_gain"], entry["adapt_gain_ci95"] = mean_ci95(returns[1] - returns[0])
     entry["eval"] = {"tasks": n, "episodes": episodes, "adapt_lr": entry["policy"].adapt_lr}
     return entry
 
@@ -115,8 +141,13 @@ def write_results(entries: list[dict], command: str, folder: Path) -> Path:
     data = json.loads(path.read_text()) if path.exists() else {}
     machine = f"{platform.machine()}, {os.cpu_count()} cores, CPU (torch {torch.__version__}, 1 thread per process)"
     for e in entries:
-        record = {k: v for k, v in e.items() if k not in ("policy", "env", "method")}
-        record.update(command=command, machine=machine, date=time.strftime("%Y-%m-%d"))
+        record = {k: v for k, v in e.items() if k not in ("policy", "initial_policy", "env", "method")}
+        if "steps" in record:  # a training run: its own command, machine and date
+            record.update(command=command, machine=machine, date=time.strftime("%Y-%m-%d"))
+        else:  # --eval-only: new evaluation figures for the run already recorded
+            if e["method"] not in data.get(e["env"], {}):
+                raise SystemExit(f"--eval-only: {folder / 'meta_rl.json'} has no run of {e['env']} {e['method']}")
+            record = {**data[e["env"]][e["method"]], **record, "eval_command": command}
         data.setdefault(e["env"], {})[e["method"]] = record
     path.write_text(json.dumps(data, indent=1) + "\n")
     (folder / "meta_rl.md").write_text(table(data))
@@ -125,16 +156,20 @@ def write_results(entries: list[dict], command: str, folder: Path) -> Path:
 
 
 def table(data: dict) -> str:
-    lines = ["| env | method | before | after 1 step | after 2 | after 3 | meta-steps | minutes | env steps | note |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| env | method | before | after 1 step | after 2 | after 3 | gain over the untrained policy | "
+             "gain from adapting | meta-steps | minutes | env steps | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for env, methods in sorted(data.items()):
         for method, r in methods.items():
             cells = [f"{r[k]:.1f} ± {r[k + '_ci95']:.1f}" for k in ("before", "after1", "after2", "after3") if k in r]
+            cells += [f"{r[k]:+.1f} ± {r[k + '_ci95']:.1f}" if k in r else "–" for k in ("gain", "adapt_gain")]
             note = f"diverged at step {r['diverged_at']}" if r.get("diverged_at") else ""
             lines.append(f"| {env} | {method} | {' | '.join(cells)} | {r['steps']} | {r['minutes']:.1f} | "
                          f"{r['env_steps']:,} | {note} |")
     lines.append("")
-    lines.append("Mean return on fresh tasks ± 95% interval over tasks; commands and machine in meta_rl.json.")
+    lines.append("Mean return on fresh tasks ± 95% interval over tasks; commands and machine in meta_rl.json. Gains "
+                 "are paired over the same tasks, after one adaptation step: over the config's untrained "
+                 "meta-policy adapted alike, and over the trained meta-policy before adapting.")
     return "\n".join(lines) + "\n"
 
 
@@ -228,6 +263,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="smoke run (seconds): 2 meta-steps per method on tiny "
                         "tasks, small evaluation and speed test; results go under --out, not docs/results/")
     parser.add_argument("--speed-only", action="store_true")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate the learners earlier runs saved under "
+                        "--out (and their untrained meta-policies) again, without training; updates their results")
     parser.add_argument("--profile", type=int, metavar="STEPS",
                         help="only time STEPS meta-steps of each method and print where they go")
     parser.add_argument("--gif", metavar="GIF", help="write one adapted navigation policy's GIF (first nav method)")
@@ -258,6 +295,14 @@ def main() -> None:
             for method in args.methods:
                 if (env, method) not in CONFIGS:
                     print(f"{env} {method}: no config, skipped")
+                    continue
+                if args.eval_only:
+                    saved = trained(env, method, args)
+                    if saved is not None:
+                        entry = evaluate(saved, args)
+                        entries.append(entry)
+                        print(f"{env:<12} {method:<10} gain {entry['gain']:+.1f} ± {entry['gain_ci95']:.1f}, from "
+                              f"adapting {entry['adapt_gain']:+.1f} ± {entry['adapt_gain_ci95']:.1f}", flush=True)
                     continue
                 entry = evaluate(train(env, method, args), args)
                 entries.append(entry)

@@ -1,5 +1,7 @@
 """benchmarks/meta_rl.py in its smoke settings: a diverging method keeps its last finite checkpoint, is
-reported as diverged at its step, and the benchmark goes on to write its table, JSON and plot."""
+reported as diverged at its step, and the benchmark goes on to write its table, JSON and plot; gains are
+paired over the evaluation's tasks, and ``--eval-only`` evaluates a saved learner again into the same
+record."""
 
 from __future__ import annotations
 
@@ -46,3 +48,19 @@ def test_a_diverging_method_is_reported_and_the_benchmark_goes_on(tmp_path):
     table = (tmp_path / "results" / "meta_rl.md").read_text()
     assert f"diverged at step {entry['diverged_at']}" in table and "| nav | dsbo_sim |" in table
     assert (tmp_path / "results" / "meta_rl.png").stat().st_size > 10_000
+    # the gains are paired differences over the same tasks: their means are differences of the means
+    row = data["nav"]["dsbo_sim"]
+    assert math.isclose(row["gain"], row["after1"] - row["initial_after1"], rel_tol=1e-9, abs_tol=1e-9)
+    assert math.isclose(row["adapt_gain"], row["after1"] - row["before"], rel_tol=1e-9, abs_tol=1e-9)
+    assert row["gain_ci95"] > 0 and "gain over the untrained policy" in table
+
+    # --eval-only: the saved learner, evaluated again on the same seeds, gives the same figures and keeps
+    # the run's own (steps, minutes, command)
+    args.eval_only = True
+    again = bench.evaluate(bench.trained("nav", "dsbo_sim", args), args)
+    assert again["after1"] == row["after1"] and again["gain"] == row["gain"]
+    data = json.loads(bench.write_results([again], "benchmarks/meta_rl.py --eval-only (test)",
+                                          tmp_path / "results").read_text())
+    merged = data["nav"]["dsbo_sim"]
+    assert merged["steps"] == 2 and merged["command"] == "benchmarks/meta_rl.py (test)"
+    assert merged["eval_command"] == "benchmarks/meta_rl.py --eval-only (test)"
