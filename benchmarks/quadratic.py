@@ -4,10 +4,12 @@ Prints, for each problem and algorithm: seconds per 1000 steps (median of ``--re
 warm-up block; metric evaluation excluded) and the exact ``‖∇h(x)‖²`` reached after the reference
 number of steps (SOBA 8192, SABA 4096), next to the reference JAX timings quoted in that file for this
 machine type. One intra-op thread (state of the art on 2 shared cores for these sizes). Then SABA's
-accuracy on ``--draws`` draws of P1's family (``task.seed`` 0, 1, …): ‖∇h‖² after 4096 steps with the
-reference's settings (steps 0.1, zero memory) and with this benchmark's (steps 0.15, zero memory).
+accuracy on ``--draws`` draws of P1's family (``task.seed`` 0, 1, …), each with ``--orders`` minibatch
+orders (the algorithm's seed 0, 1, …): ‖∇h‖² after 4096 steps with the reference's settings (steps 0.1,
+zero memory). The family is the reference generator's (``task.basis: reference``: the eigenbases of P
+and Q reflect e_1 onto one Gaussian direction, as its generator takes them).
 
-    .venv/bin/python benchmarks/quadratic.py [--repeats 3] [--problems P1 P2] [--draws 3] [--smoke]
+    .venv/bin/python benchmarks/quadratic.py [--repeats 3] [--problems P1 P2] [--draws 3] [--orders 3] [--smoke]
 """
 
 from __future__ import annotations
@@ -28,16 +30,15 @@ PROBLEMS = {
 # minibatches in shuffled passes, as the reference's sampler draws them (SAGA's memory is then refreshed
 # once per pass)
 COMMON = dict(mu=0.1, L_yy=1.0, L_xx=1.0, q_min=0.0, L_c=0.1, x0=-2.0, batch_size=64, dtype="float32",
-              sampling="epochs")
-# SOBA: step sizes from a small grid on P1 (ρ, γ ∈ {0.02 … 1}) for the final ‖∇h‖². SABA: the reference's zero
-# memory; steps of 0.15 from a grid of ρ = γ ∈ {0.1, 0.12, 0.15, 0.2} (and 0.15/0.1) on three draws of P1, where
-# they end 2-60x lower after 4096 steps than the reference's 0.1 and below 0.12's and 0.2's
+              sampling="epochs", basis="reference")
+#: SABA as benchmark_bilevel runs it (step_size 0.1, outer_ratio 1, memory initialised at zero); on this
+#: family steps of 0.15 end 1.7-5x higher after 4096 steps
+REFERENCE_SABA = dict(inner_lr=0.1, outer_lr=0.1, memory="zero")
+# SOBA: step sizes from a small grid on P1 (ρ, γ ∈ {0.02 … 1}) for the final ‖∇h‖²
 SETTINGS = {
     "soba": (dict(inner_lr=0.5, outer_lr=0.5, schedule="sqrt"), 8192),
-    "saba": (dict(inner_lr=0.15, outer_lr=0.15, memory="zero"), 4096),
+    "saba": (REFERENCE_SABA, 4096),
 }
-#: SABA as benchmark_bilevel runs it (step_size 0.1, outer_ratio 1, memory initialised at zero)
-REFERENCE_SABA = dict(inner_lr=0.1, outer_lr=0.1, memory="zero")
 REFERENCE = {  # JAX, jit-compiled, same machine type (seconds per 1000 steps; ‖∇h‖² reached on P1)
     ("P1", "soba"): (0.9, "1.9e-3"), ("P1", "saba"): (1.15, "2.3e-10"),
     ("P2", "soba"): (2.3, "-"), ("P2", "saba"): (3.0, "-"),
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed blocks of 1000 steps after the warm-up block")
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
     parser.add_argument("--draws", type=int, default=3, help="draws of P1's family for SABA's accuracy (0: none)")
+    parser.add_argument("--orders", type=int, default=3, help="minibatch orders (algorithm seeds) per draw")
     parser.add_argument("--smoke", action="store_true",
                         help="smoke run (seconds): 60 steps per algorithm in blocks of 20 (times scaled to 1000 steps)")
     args = parser.parse_args()
@@ -79,22 +81,24 @@ def main() -> None:
             ref_t, ref_end = REFERENCE[(pname, name)]
             print(f"{pname:8}{name:6}{per_1000:14.2f}{ref_t:9.2f}{per_1000 / ref_t:7.2f}{steps:7d}"
                   f"{start:13.3e}{end:12.3e}{ref_end:>10}")
-    steps, draws = (60, min(args.draws, 1)) if args.smoke else (4096, args.draws)
+    steps, draws, orders = (60, min(args.draws, 1), 1) if args.smoke else (4096, args.draws, args.orders)
     if draws and "P1" in args.problems:
-        print(f"\nSABA on draws of P1's family, ‖∇h‖² after {steps} steps (the reference's draw: 11.55 → 2.3e-10):")
-        print(f"{'draw':6}{'start':>10}{'reference settings':>20}{'this benchmark':>16}")
+        print(f"\nSABA (steps 0.1, zero memory) on draws of P1's family, ‖∇h‖² after {steps} steps per minibatch "
+              f"order (the reference's draw: 11.55 → 2.3e-10):")
+        print(f"{'draw':6}{'start':>10}" + "".join(f"{f'order {k}':>12}" for k in range(orders)))
         for draw in range(draws):
             task = make_task("quadratic", **PROBLEMS["P1"], **COMMON, seed=draw)
-            ends = [saba_end(task, hyper, steps) for hyper in (REFERENCE_SABA, SETTINGS["saba"][0])]
             x, y = task.init()
-            print(f"{draw:<6}{task.metrics(x, y)['grad_norm_sq']:10.2e}{ends[0]:20.2e}{ends[1]:16.2e}")
+            ends = [saba_end(task, REFERENCE_SABA, steps, seed) for seed in range(orders)]
+            print(f"{draw:<6}{task.metrics(x, y)['grad_norm_sq']:10.2e}" + "".join(f"{e:12.2e}" for e in ends),
+                  flush=True)
 
 
-def saba_end(task, hyper: dict, steps: int) -> float:
-    """‖∇h‖² after ``steps`` SABA steps with ``hyper`` from the task's starting point."""
+def saba_end(task, hyper: dict, steps: int, seed: int) -> float:
+    """‖∇h‖² after ``steps`` SABA steps with ``hyper`` (minibatch order from ``seed``) from the task's start."""
     algo = algorithms.make("saba", **hyper)
     x, y = task.init()
-    state = algo.init(task, x, y, seed=0)
+    state = algo.init(task, x, y, seed=seed)
     for _ in range(steps):
         state = algo.step(state, task)
     return task.metrics(state.x, state.y)["grad_norm_sq"]

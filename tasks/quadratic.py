@@ -28,15 +28,26 @@ def _orthogonal(rng: np.random.Generator, d: int) -> np.ndarray:
     return q * np.sign(np.diag(r))
 
 
+def _reflection(rng: np.random.Generator, d: int) -> np.ndarray:
+    """The Householder reflection taking ``e_1`` to (minus the sign of) a random Gaussian direction: the
+    left singular vectors of one Gaussian column, as benchmark_bilevel's generator takes its bases (all
+    columns but the first stay close to the coordinate axes)."""
+    v = rng.standard_normal(d)
+    w = v.copy()
+    w[0] += np.copysign(np.linalg.norm(v), v[0])
+    return np.eye(d) - 2.0 * np.outer(w, w) / (w @ w)
+
+
 def _geom(lo: float, hi: float, k: int) -> np.ndarray:
     return np.geomspace(lo, hi, k) if k > 1 else np.array([hi])[:k]
 
 
 def _family(rng: np.random.Generator, n: int, dx: int, dy: int, mu: float, l_yy: float, l_xx: float,
-            q_min: float, l_c: float) -> dict[str, np.ndarray]:
+            q_min: float, l_c: float, basis: str = "haar") -> dict[str, np.ndarray]:
     s_p = _geom(np.sqrt(mu), np.sqrt(l_yy), dy)
     s_q = np.concatenate([[np.sqrt(q_min)], _geom(np.sqrt(mu), np.sqrt(l_xx), dx - 1)])
-    up, uq = _orthogonal(rng, dy), _orthogonal(rng, dx)
+    eigenbasis = _orthogonal if basis == "haar" else _reflection
+    up, uq = eigenbasis(rng, dy), eigenbasis(rng, dx)
     sp = (up * s_p) @ up.T
     sq = (uq * s_q) @ uq.T
     u, w = _orthogonal(rng, dx), _orthogonal(rng, dy)
@@ -85,6 +96,9 @@ class QuadraticTask(Task):
     q_min: float = hp(0.1, low=0, strict=False, doc="smallest eigenvalue of ∇²_xx (0 in the reference P1/P2)")
     L_c: float = hp(0.1, low=0, doc="largest singular value of ∇²_xy")
     x0: float = hp(-2.0, doc="initial x (every coordinate)")
+    basis: str = hp("haar", choices=("haar", "reference"), doc="eigenbases of P and Q: uniformly random "
+                    "(haar) or, as benchmark_bilevel's generator takes them, the reflection of e_1 onto one "
+                    "Gaussian direction (reference: close to the axes, the reference P1/P2 family)")
     sampling: str = hp("random", choices=ORDERS, doc="minibatch order: random (uniform, with replacement) or "
                        "epochs (shuffled passes, every minibatch once per pass)")
     dtype: str = hp("float64", choices=tuple(_DTYPES))
@@ -98,7 +112,8 @@ class QuadraticTask(Task):
         dt = _DTYPES[self.dtype]
         tensors = []
         for n in (self.n_inner, self.n_outer):
-            fam = _family(rng, n, self.dim_x, self.dim_y, self.mu, self.L_yy, self.L_xx, self.q_min, self.L_c)
+            fam = _family(rng, n, self.dim_x, self.dim_y, self.mu, self.L_yy, self.L_xx, self.q_min, self.L_c,
+                          self.basis)
             tensors.append(tuple(torch.as_tensor(fam[k], dtype=dt) for k in "pqrsab"))
         object.__setattr__(self, "inner", FiniteSampler(tensors[0], self.batch_size, shuffle_seed=None,
                                                         order=self.sampling))

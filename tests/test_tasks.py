@@ -34,6 +34,26 @@ def test_quadratic_conditioning_is_controlled():
     assert 0.005 < float(evals[0]) < 0.02 and 0.8 < float(evals[-1]) < 1.25
 
 
+@pytest.mark.parametrize("basis", ["haar", "reference"])
+def test_quadratic_conditioning_holds_in_either_eigenbasis(basis):
+    task = make_task("quadratic", dim_x=4, dim_y=30, n_inner=20000, n_outer=10, mu=0.01, L_yy=1.0, basis=basis)
+    evals = torch.linalg.eigvalsh(task._g.P)
+    assert 0.005 < float(evals[0]) < 0.02 and 0.8 < float(evals[-1]) < 1.25
+    # the reference's basis: P's eigenvectors but the smallest one's sit close to the coordinate axes
+    vecs = torch.linalg.eigh(task._g.P).eigenvectors[:, 1:]
+    on_axis = float(vecs.abs().max(0).values.median())
+    assert (on_axis > 0.8) if basis == "reference" else (on_axis < 0.7)
+
+
+def test_the_reference_eigenbasis_reflects_e1_onto_a_gaussian_direction():
+    from bilevel_ray.tasks.quadratic import _reflection
+
+    u = _reflection(np.random.default_rng(3), 7)
+    v = np.random.default_rng(3).standard_normal(7)
+    np.testing.assert_allclose(u @ u.T, np.eye(7), atol=1e-12)
+    np.testing.assert_allclose(abs(u[:, 0] @ v) / np.linalg.norm(v), 1.0, atol=1e-12)
+
+
 def test_quadratic_without_unique_solution_reports_no_x_star():
     task = make_task("quadratic", dim_x=10, dim_y=20, n_inner=64, n_outer=64, q_min=0.0, L_c=2.0)
     assert torch.linalg.eigvalsh(task.hessian_h())[0] < 0
