@@ -35,12 +35,14 @@ of one network, plain autograd; ``vmap``: ``torch.func`` + ``vmap`` over tasks),
 meta-batches and the same Adam step, after checking that all give the same meta-gradient; steps of the methods
 alternate, so that a slow spell of a shared machine hits all alike. Settings: learn2learn's own
 MAML Omniglot example (width 64, 32 tasks, 1 query per class), then this benchmark's MAML training
-setting, then that with 15 queries per class. The whole process runs under
+setting, then that with 15 queries per class; each setting runs ``--speed-repeats`` times and the
+grouped / learn2learn ratio of every repeat is printed. The whole process runs under
 :func:`bilevel_ray.runtime.prepare_process`: glibc's heap kept (``BILEVEL_RAY_ALLOCATOR=default`` to compare
 without) and subnormal floats flushed to zero (``BILEVEL_RAY_DENORMALS=keep``).
 
     .venv/bin/python benchmarks/omniglot.py [--budget 4] [--tasks 600] [--methods soba bome dsbo maml protonet ridge]
                                             [--width 32] [--threads 2] [--speed-iters 10 (0: no speed test)]
+                                            [--speed-repeats 3]
                                             [--support-warps 8 (0: none)] [--train-acc] [--save DIR] [--smoke]
                                             [--set KEY=VALUE ... (SOBA/BOME/DSBO config)] [--steps N]
 """
@@ -184,16 +186,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def speed_test(pool: ClassPool, iters: int, settings: tuple[tuple[int, int, int], ...] = SPEED_SETTINGS) -> None:
-    """Print the MAML speed table: :func:`maml_speed` in each (width, meta-batch, queries) of ``settings``."""
+def speed_test(pool: ClassPool, iters: int, settings: tuple[tuple[int, int, int], ...] = SPEED_SETTINGS,
+               repeats: int = 3) -> None:
+    """Print the MAML speed table: :func:`maml_speed` ``repeats`` times in each (width, meta-batch,
+    queries) of ``settings``, one row per repeat, then each setting's ratios to learn2learn."""
     print("MAML meta-iterations/s, 5-way 1-shot, 1 inner step, second order, same meta-batches and Adam step:")
-    print("| Conv-4 width | tasks | queries/class | bilevel-ray grouped | bilevel-ray vmap | learn2learn MAML "
+    print("| Conv-4 width | tasks | queries/class | repeat | bilevel-ray grouped | bilevel-ray vmap | learn2learn MAML "
           "| grouped / l2l | vmap / l2l | max abs grad diff |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    ratios = {}
     for width, batch, queries in settings:
-        r = maml_speed(pool, width, batch, queries, iters)
-        print(f"| {width} | {batch} | {queries} | {r['grouped']:.2f} | {r['vmap']:.2f} | {r['l2l']:.2f} | "
-              f"{r['grouped'] / r['l2l']:.2f}x | {r['vmap'] / r['l2l']:.2f}x | {r['diff']:.1e} |", flush=True)
+        for repeat in range(repeats):
+            r = maml_speed(pool, width, batch, queries, iters)
+            ratios.setdefault((width, batch, queries), []).append(r["grouped"] / r["l2l"])
+            print(f"| {width} | {batch} | {queries} | {repeat + 1} | {r['grouped']:.2f} | {r['vmap']:.2f} | "
+                  f"{r['l2l']:.2f} | {r['grouped'] / r['l2l']:.2f}x | {r['vmap'] / r['l2l']:.2f}x | {r['diff']:.1e} |",
+                  flush=True)
+    print()
+    for (width, batch, queries), rs in ratios.items():
+        print(f"grouped / learn2learn, width {width}, {batch} tasks, {queries} queries: "
+              f"{' / '.join(f'{q:.2f}x' for q in rs)} (lowest {min(rs):.2f}x)")
     print()
 
 
@@ -207,6 +219,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--speed-iters", type=int, default=10, help="meta-iterations per method and setting "
                         "of the speed test (0: skip it)")
+    parser.add_argument("--speed-repeats", type=int, default=3, help="runs of the speed test in each setting")
     parser.add_argument("--support-warps", type=int, default=8, metavar="N", help="also test each learner adapting "
                         "to N warped copies of each support drawing (magnitude 1; 0: skip)")
     parser.add_argument("--train-acc", action="store_true", help="also test each learner (as trained) on 5-way and "
@@ -245,7 +258,8 @@ def main() -> None:
     print(f"allocator: {'heap kept (bilevel_ray.prepare_process)' if tuned else 'glibc default'}; subnormal floats: "
           f"{'flushed to zero (bilevel_ray.prepare_process)' if flushed else 'kept'}")
     if args.speed_iters > 0:
-        speed_test(pool, args.speed_iters, SMOKE_SPEED_SETTINGS if args.smoke else SPEED_SETTINGS)
+        speed_test(pool, args.speed_iters, SMOKE_SPEED_SETTINGS if args.smoke else SPEED_SETTINGS,
+                   1 if args.smoke else args.speed_repeats)
 
     header = f"| method | train steps | {' | '.join(f'{w}-way {k}-shot' for w, k in SETTINGS)} |"
     rows = [header, "|" + "---|" * (2 + len(SETTINGS))]
