@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,14 +58,20 @@ SMOKE = ["task.train_tasks=4", "task.meta_batch=4", "task.episodes=2", "task.hor
          "task.eval_tasks=2", "task.eval_episodes=2", "run.steps=2", "run.eval_every=1"]
 
 
+def config(env: str, method: str, args: argparse.Namespace, *extra: str) -> Any:
+    """The config of ``(env, method)`` with the run's seed, the smoke overrides, ``extra`` and ``--set``."""
+    from bilevel_ray.config import load_config
+
+    return load_config(ROOT / CONFIGS[env, method],
+                       [f"run.seed={args.seed}", *extra, *(SMOKE if args.smoke else []), *args.set])
+
+
 def train(env: str, method: str, args: argparse.Namespace) -> dict:
     """Run one config; returns its result entry (without the evaluation)."""
-    from bilevel_ray.config import load_config
     from bilevel_ray.decentralized.backends import average
     from bilevel_ray.runner import Diverged, run
 
-    overrides = [f"run.seed={args.seed}", "run.progress=false", *(SMOKE if args.smoke else []), *args.set]
-    cfg = load_config(ROOT / CONFIGS[env, method], overrides)
+    cfg = config(env, method, args, "run.progress=false")
     out = Path(args.out) / f"{env}_{method}"
     task = cfg.task
     task.timings.clear()
@@ -103,10 +110,9 @@ def trained(env: str, method: str, args: argparse.Namespace) -> dict | None:
     """``--eval-only``: the learner a previous run of ``(env, method)`` saved under ``--out``, and its
     config's untrained meta-policy (None where no run saved one); the run's other figures stay as the
     results file has them."""
-    from bilevel_ray.config import load_config
     from bilevel_ray.rl.metapolicy import load_meta_policy
 
-    cfg = load_config(ROOT / CONFIGS[env, method], [f"run.seed={args.seed}", *(SMOKE if args.smoke else []), *args.set])
+    cfg = config(env, method, args)
     path = Path(args.out) / f"{env}_{method}" / "learner.pt"
     if not path.exists():
         print(f"{env} {method}: no learner at {path}, skipped (train it first, or set --out)", flush=True)
@@ -200,10 +206,9 @@ def plot(data: dict, path: Path) -> None:
 def profile(env: str, method: str, args: argparse.Namespace) -> dict[str, float]:
     """Seconds per meta-step and where they go: rollouts, advantages (baseline fits), gossip (mixing,
     waiting for neighbours included) and the rest, the algorithm's step (surrogates, derivatives)."""
-    from bilevel_ray.config import load_config
     from bilevel_ray.decentralized.backends import make_backend
 
-    cfg = load_config(ROOT / CONFIGS[env, method], [f"run.seed={args.seed}", *(SMOKE if args.smoke else []), *args.set])
+    cfg = config(env, method, args)
     backend = make_backend(cfg.task, cfg.algorithm, cfg.decentralized, seed=args.seed)
     try:
         for _ in range(2):  # warm-up: vector environments, Ray actors

@@ -42,7 +42,6 @@ class MatrixMix:
 
     def __init__(self, w: np.ndarray):
         self.matrix = np.array(w, dtype=np.float64)
-        self.w = torch.from_numpy(self.matrix)
         self._placed: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self.edges = int(np.count_nonzero(w - np.diag(np.diag(w))))  # directed: one message each
         self.bytes = 0  # what a real gossip of these calls sends
@@ -51,7 +50,7 @@ class MatrixMix:
     def _on(self, t: torch.Tensor) -> torch.Tensor:
         key = (t.device, t.dtype)
         if key not in self._placed:
-            self._placed[key] = self.w.to(t.device, t.dtype)
+            self._placed[key] = torch.from_numpy(self.matrix).to(t.device, t.dtype)
         return self._placed[key]
 
     def __call__(self, tree: PyTree) -> PyTree:
@@ -80,17 +79,21 @@ class SimBackend:
                                          device=self.device, dtype=dtype)
         self.task = getattr(agents[0], "task", agents[0])  # the driver's view (metrics, learner)
         self.mixing_at = mixing_at
-        self._mix: MatrixMix | None = None
+        self._mixes: dict[bytes, MatrixMix] = {}
         self.bytes_last_round = 0
         self.gossip_last_round = self.latency_last_round = 0.0
 
     def step(self) -> None:
         """One outer round for every agent at once, gossip by the round's ``W``."""
         start = time.perf_counter()
-        w = self.mixing_at(self.state.t)
-        if self._mix is None or not np.array_equal(w, self._mix.matrix):  # a static W is placed once per run
-            self._mix = MatrixMix(w)
-        mix, sent, spent = self._mix, self._mix.bytes, self._mix.seconds
+        w = np.asarray(self.mixing_at(self.state.t), dtype=np.float64)
+        key = w.tobytes()  # each distinct W of the schedule is placed once (a time-varying one cycles)
+        if key not in self._mixes:
+            if len(self._mixes) >= 64:  # a schedule of ever-new matrices: keep the cache bounded
+                self._mixes.clear()
+            self._mixes[key] = MatrixMix(w)
+        mix = self._mixes[key]
+        sent, spent = mix.bytes, mix.seconds
         self.state = self.algo.step(self.state, bind(self.problem, self.state), mix)
         self.bytes_last_round = mix.bytes - sent
         self.gossip_last_round = mix.seconds - spent
